@@ -9,6 +9,7 @@ adding it, nothing more.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-
-class UnknownModelError(ValueError):
-    """A model name that is not in the registry."""
+from training.errors import ConfigError, UnknownModelError
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ def make_config(spec: ModelSpec, overrides: dict[str, Any]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(spec.config_cls)}
     unknown = sorted(set(overrides) - set(fields))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"model {spec.name!r} has no option {', '.join(unknown)}; "
             f"its options are: {', '.join(fields)}"
         )
@@ -120,7 +119,7 @@ class MLP(nn.Module):
         widths = (cfg.in_features, *cfg.hidden)
         self.flatten = nn.Flatten()
         self.blocks = nn.Sequential(
-            *(LinearBlock(a, b, cfg.batch_norm) for a, b in zip(widths, widths[1:], strict=False))
+            *(LinearBlock(a, b, cfg.batch_norm) for a, b in itertools.pairwise(widths))
         )
         self.head = nn.Linear(widths[-1], cfg.num_classes)
 
@@ -192,7 +191,10 @@ class DigitsCNN(nn.Module):
         for i, width in enumerate(cfg.widths):
             if i > 0:
                 layers.append(nn.MaxPool2d(2))
-            layers += [ConvBlock(in_ch, width, cfg.batch_norm), ConvBlock(width, width, cfg.batch_norm)]
+            layers += [
+                ConvBlock(in_ch, width, cfg.batch_norm),
+                ConvBlock(width, width, cfg.batch_norm),
+            ]
             in_ch = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -222,14 +224,14 @@ class ResNetConfig:
     num_classes: int = 1000
     widths: tuple[int, ...] = (64, 128, 256, 512)
     blocks: tuple[int, ...] = (2, 2, 2, 2)
-    # ImageNet stem (7×7/2 conv + 3×3/2 max-pool); small inputs such as 8×8 digits want a 3×3/1 stem.
+    # ImageNet stem: 7×7/2 conv + 3×3/2 max-pool. Small inputs (8×8 digits) want a 3×3/1 stem.
     imagenet_stem: bool = True
     image_size: int = 224
     batch_norm: bool = True
 
 
 class BasicBlock(nn.Module):
-    """ResNet's BasicBlock: two 3×3 Conv-BN pairs and a residual (1×1 Conv-BN when shapes change)."""
+    """ResNet's BasicBlock: two 3×3 Conv-BN pairs and a residual (1×1 Conv-BN if shapes change)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int, batch_norm: bool) -> None:
         super().__init__()
@@ -345,7 +347,9 @@ class MobileNet(nn.Module):
         self.config = cfg
         self.input_shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         stride = 2 if cfg.image_size >= 32 else 1
-        self.stem = ConvBlock(cfg.in_channels, cfg.stem_width, cfg.batch_norm, 3, stride, act=nn.ReLU6)
+        self.stem = ConvBlock(
+            cfg.in_channels, cfg.stem_width, cfg.batch_norm, 3, stride, act=nn.ReLU6
+        )
         blocks, in_ch = [], cfg.stem_width
         for out_ch, s in cfg.blocks:
             blocks.append(DepthwiseSeparable(in_ch, out_ch, s, cfg.batch_norm))

@@ -1,0 +1,5 @@
+import sys
+
+from foldserve.cli import main
+
+sys.exit(main())

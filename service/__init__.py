@@ -1,0 +1,1 @@
+"""The inference service: Open Inference Protocol (v2) over ONNX Runtime. Never imports torch."""

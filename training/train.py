@@ -1,0 +1,421 @@
+"""Training loop for the BN model zoo: reads top to bottom, checkpoints every epoch.
+
+config → data (stratified split, normalisation from the training part) → model → AdamW with a
+one-cycle schedule → per epoch: train with a progress bar, validate in eval mode (running
+statistics, never batch statistics), write checkpoint, history and plot atomically. `resume`
+restores weights, optimizer, scheduler and RNG states from the last checkpoint and continues the
+same run; epochs shuffle with a permutation seeded by (seed, epoch), so a resumed run ends with
+the weights an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from training import models
+from training.atomic import atomic_write_text
+from training.bn_stats import recalibrate_bn, require_eval_mode
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.data import DataInfo, Split, load_source, make_split
+from training.errors import CheckpointError, ConfigError, TrainingDivergedError
+from training.plots import plot_history
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "history.json"
+PLOT_NAME = "curves.png"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a run's result; stored in its checkpoint."""
+
+    model: str = "digits_cnn"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    data: str = "digits"
+    image_size: int = 32  # image folders only: images are resized to this square size
+    color_mode: str = "L"  # image folders only: "L" (grey) or "RGB"
+    val_fraction: float = 0.2
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-2  # peak learning rate of the one-cycle schedule
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # "adamw" or "sgd" (momentum 0.9)
+    schedule: str = "onecycle"  # "onecycle" or "constant"
+    augment: bool = True  # images only: random shifts of up to one pixel
+    label_smoothing: float = 0.0
+    seed: int = 0
+    bn_recalibrate: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be at least 1, not {self.epochs}"),
+            (self.batch_size >= 2, f"batch size must be at least 2, not {self.batch_size}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"learning rate must be > 0, not {self.lr}"),
+            (self.weight_decay >= 0, f"weight decay must be >= 0, not {self.weight_decay}"),
+            (0 < self.val_fraction < 1, f"val fraction must be in (0, 1), not {self.val_fraction}"),
+            (self.optimizer in ("adamw", "sgd"), f"unknown optimizer {self.optimizer!r}"),
+            (self.schedule in ("onecycle", "constant"), f"unknown schedule {self.schedule!r}"),
+            (self.image_size >= 1, f"image size must be positive, not {self.image_size}"),
+            (0 <= self.label_smoothing < 1, "label smoothing must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        models.get_spec(self.model)  # unknown model names fail here, before any work
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        return cls(**raw)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module
+    history: list[dict[str, Any]]
+    data_info: DataInfo
+    recalibration: dict[str, float] | None = None
+
+    @property
+    def val_acc(self) -> float:
+        if self.recalibration:
+            return self.recalibration["val_acc_after"]
+        return self.history[-1]["val_acc"]
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same threads, same machine → same bits (deterministic kernels only)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+
+
+def model_options_for(cfg: TrainConfig, info: DataInfo) -> dict[str, Any]:
+    """Fill the model's input and class counts from the data unless the user set them."""
+    spec = models.get_spec(cfg.model)
+    fields = {f.name for f in dataclasses.fields(spec.config_cls)}
+    derived: dict[str, Any] = {"num_classes": len(info.label_names)}
+    if info.layout == "NCHW":
+        channels, height, width = info.input_shape
+        if height != width:
+            raise ConfigError(f"model {cfg.model!r} takes square images, not {height}×{width}")
+        derived |= {"in_channels": channels, "image_size": height}
+        derived["imagenet_stem"] = height >= 64  # a 7×7/2 stem + pool would erase small images
+    derived["in_features"] = int(np.prod(info.input_shape))
+    if info.layout == "NC" and "in_channels" in fields:
+        raise ConfigError(f"model {cfg.model!r} takes images; use 'mlp' for a table")
+    chosen = {k: v for k, v in derived.items() if k in fields}
+    return chosen | cfg.model_options
+
+
+def build(cfg: TrainConfig, info: DataInfo) -> tuple[nn.Module, dict[str, Any]]:
+    options = model_options_for(cfg, info)
+    model = models.build_model(cfg.model, options)
+    return model, dataclasses.asdict(model.config)
+
+
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    # No weight decay on BN affine parameters and biases: decaying gamma towards 0 fights BN.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.schedule == "onecycle":
+        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch
+        )
+    else:
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return optimizer, scheduler
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Randomness of one epoch (shuffle, augmentation) as a pure function of (seed, epoch)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def batch_order(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """This epoch's mini-batches: a seeded permutation, the last batch kept if it has > 1.
+
+    A batch of one example has no variance, and BatchNorm refuses it in training mode.
+    """
+    perm = torch.randperm(n, generator=generator)
+    batches = list(perm.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
+    """Translate each image by up to `max_shift` pixels, replicating the border.
+
+    Small translations are the cheapest label-preserving augmentation for digits; the edge is
+    replicated so the shifted-in pixels look like background, not like a dark or bright frame.
+    """
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    rows = (torch.arange(h)[None, :] + offsets[:, :1])[:, None, :, None]
+    cols = (torch.arange(w)[None, :] + offsets[:, 1:])[:, None, None, :]
+    batch = torch.arange(n)[:, None, None, None]
+    channel = torch.arange(x.shape[1])[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    epoch: int,
+    progress: bool,
+) -> dict[str, float]:
+    from tqdm import tqdm
+
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    generator = epoch_generator(cfg.seed, epoch)
+    batches = batch_order(len(y), cfg.batch_size, generator)
+    augment = cfg.augment and x.ndim == 4
+    bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=not progress)
+    for idx in bar:
+        inputs = random_shift(x[idx], generator) if augment else x[idx]
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, y[idx], label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"loss became {loss.item()} in epoch {epoch}; lower the learning rate "
+                f"(now {cfg.lr:g}) or check the data for extreme values"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(idx)
+        correct += int((logits.argmax(1) == y[idx]).sum())
+        seen += len(idx)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> dict:
+    """Loss and accuracy with running statistics; refuses a model left in training mode."""
+    model.eval()
+    require_eval_mode(model, "evaluate")
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        total_loss += F.cross_entropy(logits, target, reduction="sum").item()
+        correct += int((logits.argmax(1) == target).sum())
+    return {"val_loss": total_loss / len(y), "val_acc": correct / len(y)}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def tensors(split: Split) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        torch.from_numpy(a) for a in (split.train_x, split.train_y, split.val_x, split.val_y)
+    )
+
+
+def rng_states() -> dict[str, Any]:
+    """RNG states as plain data, so a `weights_only` load can restore them."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) one run into `run_dir`: checkpoint.pt, history.json, curves.png.
+
+    An existing run is never overwritten by accident: without `resume` or `overwrite`, a
+    checkpoint already in `run_dir` is an error. Resuming a finished run trains nothing.
+    """
+    run_dir = Path(run_dir)
+    if not resume and not overwrite and (run_dir / CHECKPOINT_NAME).exists():
+        raise CheckpointError(
+            f"{str(run_dir)!r} already holds a run; resume it (--resume), "
+            "replace it (--overwrite) or choose another folder (--out)"
+        )
+    seed_everything(cfg.seed)
+    split = make_split(
+        load_source(cfg.data, cfg.image_size, cfg.color_mode), cfg.val_fraction, cfg.seed
+    )
+    train_x, train_y, val_x, val_y = tensors(split)
+    model, model_config = build(cfg, split.info)
+    steps = len(batch_order(len(train_y), cfg.batch_size, epoch_generator(cfg.seed, 1)))
+    optimizer, scheduler = make_optimizer(model, cfg, steps)
+
+    history: list[dict[str, Any]] = []
+    recalibration = None
+    if resume:
+        history, recalibration = _restore(
+            run_dir / CHECKPOINT_NAME, cfg, model, optimizer, scheduler
+        )
+        log.info("resuming %s after epoch %d of %d", run_dir, len(history), cfg.epochs)
+
+    for epoch in range(len(history) + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+        record |= train_epoch(model, optimizer, scheduler, train_x, train_y, cfg, epoch, progress)
+        record |= evaluate(model, val_x, val_y)
+        record["seconds"] = time.perf_counter() - started
+        history.append(record)
+        _write_run(run_dir, cfg, model, model_config, split.info, history, optimizer, scheduler)
+        log.info(
+            "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  (%.2fs)",
+            epoch, cfg.epochs, record["train_loss"], record["train_acc"],
+            record["val_loss"], record["val_acc"], record["seconds"],
+        )  # fmt: skip
+        if on_epoch:
+            on_epoch(record)
+
+    plot_history(history, run_dir / PLOT_NAME, f"{cfg.model} on {split.info.source}")
+    result = TrainResult(run_dir, model, history, split.info, recalibration)
+    if cfg.bn_recalibrate and recalibration is None:
+        result.recalibration = _recalibrate(model, train_x, val_x, val_y, cfg.batch_size)
+        _write_run(
+            run_dir, cfg, model, model_config, split.info, history, optimizer, scheduler,
+            recalibration=result.recalibration,
+        )  # fmt: skip
+    return result
+
+
+def _recalibrate(
+    model: nn.Module, train_x: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor, bs: int
+) -> dict[str, float]:
+    before = evaluate(model, val_x, val_y)["val_acc"]
+    batches = recalibrate_bn(model, train_x.split(bs))
+    after = evaluate(model, val_x, val_y)["val_acc"]
+    log.info(
+        "BN statistics recalibrated over %d training batches: val_acc %.4f → %.4f",
+        batches, before, after,
+    )  # fmt: skip
+    return {"batches": batches, "val_acc_before": before, "val_acc_after": after}
+
+
+def _write_run(
+    run_dir: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    model_config: dict[str, Any],
+    info: DataInfo,
+    history: list[dict[str, Any]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    recalibration: dict[str, float] | None = None,
+) -> None:
+    """Checkpoint first (it is what resume needs), then the history beside it."""
+    save_checkpoint(
+        run_dir / CHECKPOINT_NAME,
+        {
+            "model": {"name": cfg.model, "config": model_config},
+            "state_dict": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_states(),
+            "epoch": len(history),
+            "train_config": cfg.to_dict(),
+            "data_info": info.to_dict(),
+            "history": history,
+            "recalibration": recalibration,
+        },
+    )
+    summary = {
+        "model": cfg.model,
+        "train_config": cfg.to_dict(),
+        "epochs": history,
+        "recalibration": recalibration,
+    }
+    atomic_write_text(run_dir / HISTORY_NAME, json.dumps(summary, indent=2) + "\n")
+
+
+def _restore(
+    path: Path,
+    cfg: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
+    state = load_checkpoint(path)
+    saved = TrainConfig.from_dict(state["train_config"])
+    if saved != cfg:
+        changed = [
+            f"{k} (checkpoint: {v!r}, now: {getattr(cfg, k)!r})"
+            for k, v in saved.to_dict().items()
+            if getattr(cfg, k) != v
+        ]
+        raise CheckpointError(
+            f"cannot resume {str(path)!r} with a different configuration: {'; '.join(changed)}"
+        )
+    model.load_state_dict(state["state_dict"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng_states(state["rng"])
+    return list(state["history"]), state.get("recalibration")
+
+
+def load_trained_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A checkpoint's model in eval mode, and the checkpoint's contents (for export)."""
+    state = load_checkpoint(path)
+    model = models.build_model(state["model"]["name"], state["model"]["config"])
+    model.load_state_dict(state["state_dict"])
+    return model.eval(), state
