@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO
 
 TEMP_PREFIX = ".tmp-"
+FILE_MODE = 0o644
 
 
 @contextlib.contextmanager
@@ -29,6 +30,9 @@ def atomic_writer(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
+            # mkstemp creates 0600; a model file must stay readable by a service running as
+            # another user (the container's non-root user), like any file `open` would create.
+            os.fchmod(handle.fileno(), FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(tmp, dest)
     except BaseException:

@@ -35,3 +35,11 @@ class TrainingDivergedError(TrainingError, RuntimeError):
 
 class TrainingModeError(TrainingError, RuntimeError):
     """A model evaluated, folded or exported while its BatchNorms would use batch statistics."""
+
+
+class ExportError(TrainingError, RuntimeError):
+    """An export that cannot be written: bad name or version, or a graph that is unsafe to serve."""
+
+
+class ExportVerificationError(ExportError):
+    """The exported ONNX file disagrees with the unfolded PyTorch model beyond tolerance."""
