@@ -1,0 +1,150 @@
+"""What `fold-onnx` did, and the errors it raises: plain data, readable and JSON-serialisable.
+
+Every BatchNormalization in the input appears in the report exactly once, either as folded
+(with the node it went into and from which side) or as skipped (with the rule that stopped it),
+so a reader never has to guess why a BN is still in the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Direction = Literal["into-producer", "into-consumer"]
+
+
+class OnnxFoldError(Exception):
+    """The model cannot be folded or written as asked (bad path, unsafe external data, ...)."""
+
+
+class OnnxVerificationError(OnnxFoldError):
+    """The folded model does not compute what the original computes, within tolerance."""
+
+    def __init__(self, message: str, result: VerificationResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class FoldedBN:
+    """One BN that is gone: `direction` says whether it followed `into` or fed it."""
+
+    bn: str
+    into: str
+    into_op: str
+    direction: Direction
+    via: str = ""  # the node passed through: the Add of MatMul+Add, or an edge/reflect Pad
+
+    def __str__(self) -> str:
+        side = "after" if self.direction == "into-producer" else "before"
+        via = f" (through {self.via})" if self.via else ""
+        return f"{self.bn}: folded into {self.into_op} {self.into} (BN {side} it){via}"
+
+
+@dataclass(frozen=True)
+class SkippedBN:
+    """One BN left in place, and the rule that kept it."""
+
+    bn: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.bn}: kept: {self.reason}"
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    """How far one tensor of the folded model is from the original's."""
+
+    name: str
+    max_abs: float
+    max_rel: float
+    ok: bool
+    is_output: bool
+    ratio: float  # largest |a - b| / (atol + rtol * |b|); at most 1 where allclose holds
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """ONNX Runtime (all graph optimisations off) on the same inputs, original vs folded.
+
+    `max_rel` is |a - b| / |b| over elements where |b| > atol (near-zero references make
+    relative figures meaningless); `passed` is numpy.allclose on every compared tensor.
+    """
+
+    passed: bool
+    rtol: float
+    atol: float
+    max_abs_diff: float
+    max_rel_diff: float
+    worst_ratio: float  # largest |a - b| / (atol + rtol * |b|): at most 1 where allclose holds
+    worst_tensor: str
+    outputs_compared: int
+    intermediates_compared: int
+    input_shapes: dict[str, list[int]]
+    inputs_source: str  # "random (seed N)" or the file the inputs came from
+    failures: tuple[TensorDiff, ...] = ()
+
+    def summary(self) -> str:
+        verdict = "passed" if self.passed else "FAILED"
+        return (
+            f"verification {verdict} (ONNX Runtime, optimisations off, {self.inputs_source} "
+            f"inputs {self.input_shapes}): {self.outputs_compared} outputs and "
+            f"{self.intermediates_compared} intermediate tensors compared; max |diff| "
+            f"{self.max_abs_diff:.3g}, max rel diff {self.max_rel_diff:.3g}; tolerance "
+            f"rtol={self.rtol:g}, atol={self.atol:g}, of which the closest tensor "
+            f"({self.worst_tensor or '-'}) uses {self.worst_ratio:.1%}"
+        )
+
+
+@dataclass
+class OnnxFoldReport:
+    """The outcome of one `fold_onnx` (and, from `fold_onnx_file`, its checks)."""
+
+    folded: list[FoldedBN] = field(default_factory=list)
+    skipped: list[SkippedBN] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    bn_before: int = 0
+    bn_after: int = 0
+    notes: list[str] = field(default_factory=list)
+    checker: str = "not run"
+    verification: VerificationResult | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded)
+
+    def why_nothing_folded(self) -> str:
+        """One sentence for the case a person asks about: the output equals the input."""
+        if self.folded:
+            return ""
+        if self.bn_before == 0:
+            return "nothing to fold: the model has no BatchNormalization node"
+        return (
+            f"nothing folded: all {self.bn_before} BatchNormalization node(s) were kept "
+            "(reasons below); the model is written out unchanged"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"changed": self.changed}
+
+    def __str__(self) -> str:
+        lines = [
+            f"fold-onnx: {len(self.folded)} of {self.bn_before} BatchNormalization node(s) "
+            f"folded, {self.bn_after} left; nodes {self.nodes_before} -> {self.nodes_after}"
+        ]
+        if not self.folded:
+            lines.append(self.why_nothing_folded())
+        lines += [f"  folded  {item}" for item in self.folded]
+        lines += [f"  skipped {item}" for item in self.skipped]
+        lines += [f"  note: {note}" for note in self.notes]
+        lines.append(f"checker: {self.checker}")
+        if self.verification is not None:
+            lines.append(self.verification.summary())
+            lines += [
+                f"  mismatch {d.name}: max |diff| {d.max_abs:.3g}, max rel {d.max_rel:.3g}"
+                for d in self.verification.failures[:10]
+            ]
+        return "\n".join(lines)
