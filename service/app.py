@@ -1,0 +1,101 @@
+"""`create_app(settings)`: assembles the service and nothing else.
+
+Models load in the background once the server is up, so liveness answers at once and
+readiness turns true when every required model has a version serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from foldserve import __version__
+from service.deps import Services
+from service.errors import install_handlers
+from service.inference import Executor
+from service.manager import ModelManager
+from service.metrics import Metrics
+from service.middleware import AccessLogMiddleware, BodyLimitMiddleware
+from service.routes import health, inference, models, pages, repository
+from service.runtime import RuntimeOptions
+from service.schemas import REQUEST_MODELS
+from service.settings import Settings
+from service.stats import StatsBook
+
+logger = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "Serves every model of the repository through ONNX Runtime over the Open Inference "
+    "Protocol (KServe v2 / Triton HTTP), with Triton's binary tensor data, classification, "
+    "model repository, model configuration and statistics extensions."
+)
+
+
+def build_services(settings: Settings) -> Services:
+    options = RuntimeOptions.from_settings(settings)
+    stats = StatsBook()
+    metrics = Metrics(stats)
+    manager = ModelManager(settings.repository, options, settings.models)
+    return Services(settings, options, manager, Executor(stats, metrics), stats, metrics)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    services: Services = app.state.services
+    logger.info(
+        "repository %s, providers %s",
+        services.settings.repository.resolve(),
+        ",".join(services.options.providers),
+    )
+    loading = asyncio.create_task(services.manager.start(), name="load-models")
+    try:
+        yield
+    finally:
+        loading.cancel()
+        await asyncio.gather(loading, return_exceptions=True)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="foldserve",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        lifespan=_lifespan,
+    )
+    app.state.services = build_services(settings)
+    for module in (health, models, inference, repository, pages):
+        app.include_router(module.router)
+    pages.mount_docs_assets(app)
+    install_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        AccessLogMiddleware,
+        metrics=app.state.services.metrics,
+        request_id_header=settings.request_id_header,
+        enabled=settings.access_log,
+    )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies the routes read by hand, declared in full."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_MODELS:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,115 @@
+"""The service's exceptions, and the one table that maps each to an HTTP status.
+
+Routes and the modules beneath them raise these and never build error responses themselves:
+`install_handlers` turns every one into `{"error": message}` with the status below, the wire
+format of the Open Inference Protocol. Anything else that escapes is a bug: the access-log
+middleware (`middleware.py`) logs it once, with its traceback, and answers 500 with no trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """Base of every error a client can be told about; the message is shown as is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequestError(ServiceError):
+    """The request is malformed: JSON, shape, datatype, data length, names, parameters."""
+
+
+class UnauthorizedError(ServiceError):
+    """A token is configured and the request carries none, or the wrong one."""
+
+
+class NotFoundError(ServiceError):
+    """No such model, or no such version of it."""
+
+
+class PayloadTooLargeError(ServiceError):
+    """The body is larger than `max_body_bytes`; refused before it is read whole."""
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    """A body in a format the endpoint does not take (an image it cannot decode, say)."""
+
+
+class ModelNotReadyError(ServiceError):
+    """The model is known but no version of it can serve now (unloaded, or failed to load)."""
+
+
+class LoadFailedError(ServiceError):
+    """A load request could not load any version it selected; the old ones keep serving."""
+
+
+class InferenceFailedError(ServiceError):
+    """ONNX Runtime failed on inputs that passed validation: the model's fault, not the client's."""
+
+
+# The one table. Order matters only for subclasses, and there are none among these.
+STATUS: dict[type[ServiceError], int] = {
+    BadRequestError: HTTPStatus.BAD_REQUEST,
+    UnauthorizedError: HTTPStatus.UNAUTHORIZED,
+    NotFoundError: HTTPStatus.NOT_FOUND,
+    PayloadTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+    UnsupportedMediaTypeError: HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+    LoadFailedError: HTTPStatus.BAD_REQUEST,
+    ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
+    InferenceFailedError: HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+
+
+def status_of(exc: ServiceError) -> int:
+    return int(STATUS.get(type(exc), HTTPStatus.INTERNAL_SERVER_ERROR))
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    status = status_of(exc)
+    if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+        logger.error("%s: %s", type(exc).__name__, exc.message)
+    return error_response(status, exc.message)
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's own parameter checks (query, path, form) answer 400 in the v2 shape."""
+    return error_response(HTTPStatus.BAD_REQUEST, describe_validation(exc.errors()))
+
+
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and wrong methods, in the v2 shape instead of Starlette's `detail`."""
+    return error_response(exc.status_code, str(exc.detail))
+
+
+def describe_validation(errors: object) -> str:
+    """One line per problem, `where: what`, from pydantic's error list."""
+    if not isinstance(errors, list | tuple):
+        return "invalid request"
+    parts = []
+    for error in errors[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", ""))
+    return "invalid request: " + "; ".join(parts)
+
+
+def install_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)

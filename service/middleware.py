@@ -1,0 +1,138 @@
+"""Two pure-ASGI middlewares: the body size limit, and the access log with request ids.
+
+The limit works below FastAPI so it covers every body, multipart uploads included: a declared
+Content-Length over the limit is refused before a byte is read, and a chunked body is counted
+as it streams and cut off with 413 the moment it passes the limit. The access log wraps
+everything, so it sees those 413s too; it also is the last line of defence: an exception nobody
+mapped is logged once, with its traceback, and answered 500 without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("service.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+
+
+class BodyTooLargeError(Exception):
+    """Raised into the app when a streamed body passes the limit (the 413 is already sent)."""
+
+
+async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.limit = max_body_bytes
+
+    def _message(self) -> dict[str, str]:
+        return {"error": f"request body larger than the limit of {self.limit} bytes"}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_json(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._message())
+            return
+        received = 0
+        refused = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    if not refused:
+                        refused = True
+                        await _send_json(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._message())
+                    raise BodyTooLargeError
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:  # once the 413 is out, whatever the app answers is dropped
+                await send(message)
+
+        with contextlib.suppress(BodyTooLargeError):
+            await self.app(scope, limited_receive, guarded_send)
+
+
+class AccessLogMiddleware:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, request_id_header: str, enabled: bool = True
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.header = request_id_header.lower().encode("latin-1")
+        self.enabled = enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, self.header)
+        request_id = given if given and _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+        start = time.perf_counter()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", []), (self.header, request_id.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("unexpected error, request %s", request_id)
+            if status == 0:
+                await _send_json(send_with_id, 500, {"error": "internal server error"})
+            status = status or 500
+        finally:
+            self._record(scope, request_id, status, time.perf_counter() - start)
+
+    def _record(self, scope: Scope, request_id: str, status: int, seconds: float) -> None:
+        route = getattr(scope.get("route"), "path", "(unmatched)")
+        self.metrics.observe_http(scope["method"], route, status, seconds)
+        if not self.enabled:
+            return
+        client = scope.get("client")
+        line = {
+            "request_id": request_id,
+            "client": f"{client[0]}:{client[1]}" if client else None,
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        access_logger.info(json.dumps(line))
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None

@@ -1,0 +1,260 @@
+"""One ONNX Runtime session per loaded model version: load, describe, warm up, run.
+
+Inputs and outputs go through IOBinding on every provider, the CPU included, so the path the
+GPU takes is the path the tests take. A session is safe to run from several threads at once;
+each call makes its own binding. Loading checks the graph before ONNX Runtime sees it (no
+BatchNormalization in training mode), reads the foldserve metadata the exporter wrote, and warms
+the session up with zeros, timing it: that measurement decides whether calls run inline on the
+event loop or in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from foldserve.model_metadata import PREFIX, MetadataError, ModelMetadata
+from service import datatypes
+from service.datatypes import Datatype
+from service.onnx_scan import WireError, check_inference_mode
+from service.settings import Settings, SettingsError
+
+logger = logging.getLogger(__name__)
+
+SHORT_PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+class LoadError(Exception):
+    """A version that cannot serve; the message is the reason reported in the index."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    providers: tuple[str, ...]
+    device_id: int = 0
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    warmup_runs: int = 3
+    inline_max_us: float = 200.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RuntimeOptions:
+        return cls(
+            providers=resolve_providers(settings.providers, ort.get_available_providers()),
+            device_id=settings.device_id,
+            intra_op_threads=settings.intra_op_threads,
+            inter_op_threads=settings.inter_op_threads,
+            warmup_runs=settings.warmup_runs,
+            inline_max_us=settings.inline_max_us,
+        )
+
+    def provider_list(self) -> list[tuple[str, dict[str, Any]]]:
+        return [
+            (p, {"device_id": self.device_id} if p in DEVICE_PROVIDERS else {})
+            for p in self.providers
+        ]
+
+
+def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
+    """'auto' → CUDA then CPU when CUDA is offered, else CPU; explicit names must be offered."""
+    if tuple(requested) == ("auto",):
+        if "CUDAExecutionProvider" in available:
+            return ("CUDAExecutionProvider", "CPUExecutionProvider")
+        return ("CPUExecutionProvider",)
+    names = tuple(SHORT_PROVIDER_NAMES.get(p.lower(), p) for p in requested)
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise SettingsError(
+            f"invalid setting providers (FOLDSERVE_PROVIDERS): {', '.join(missing)} not offered "
+            f"by this ONNX Runtime (it offers {', '.join(available)}; or use 'auto')"
+        )
+    return names
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as the v2 metadata describes it (-1 for a dynamic dim)."""
+
+    name: str
+    datatype: Datatype
+    shape: tuple[int, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype.name, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class RunTimings:
+    """Nanoseconds spent binding inputs, running the graph, and copying outputs back."""
+
+    start_ns: int  # perf_counter_ns when the call began (in its thread)
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+@dataclass
+class ModelVersion:
+    """A loaded, warmed-up version. Immutable once built; dropped when no request holds it."""
+
+    name: str
+    version: int
+    path: Path
+    session: ort.InferenceSession
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    metadata: ModelMetadata | None
+    stamp: tuple[int, int]  # (mtime_ns, size) of the file, to notice a replaced model
+    warmup_us: float = 0.0
+    inline_max_us: float = 0.0
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    @property
+    def provider_options(self) -> dict[str, dict[str, str]]:
+        return dict(self.session.get_provider_options())
+
+    @property
+    def batched(self) -> bool:
+        """Every input and output has a dynamic first dimension: the batch."""
+        specs = self.inputs + self.outputs
+        return all(len(s.shape) > 0 and s.shape[0] == -1 for s in specs)
+
+    @property
+    def inline(self) -> bool:
+        return self.warmup_us <= self.inline_max_us
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.inputs if s.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((s for s in self.outputs if s.name == name), None)
+
+    def run(
+        self, feeds: dict[str, np.ndarray], output_names: Sequence[str]
+    ) -> tuple[dict[str, np.ndarray], RunTimings]:
+        """Run through IOBinding; string tensors, which IOBinding cannot bind, use `run`."""
+        t0 = time.perf_counter_ns()
+        if any(s.datatype is datatypes.BYTES for s in self.inputs + self.outputs):
+            t1 = time.perf_counter_ns()
+            values = self.session.run(list(output_names), feeds)
+            t2 = t3 = time.perf_counter_ns()
+        else:
+            binding = self.session.io_binding()
+            for name, array in feeds.items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            for name in output_names:
+                binding.bind_output(name)
+            t1 = time.perf_counter_ns()
+            self.session.run_with_iobinding(binding)
+            t2 = time.perf_counter_ns()
+            values = binding.copy_outputs_to_cpu()
+            t3 = time.perf_counter_ns()
+        outputs = {n: np.asarray(v) for n, v in zip(output_names, values, strict=True)}
+        return outputs, RunTimings(t0, t1 - t0, t2 - t1, t3 - t2)
+
+    def warm_up(self, runs: int) -> float:
+        """Run zeros through the model; returns the median of `runs` timed calls, in µs."""
+        feeds = {s.name: _zeros(s) for s in self.inputs}
+        names = [s.name for s in self.outputs]
+        self.run(feeds, names)  # the first call allocates and plans: not what later calls cost
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            self.run(feeds, names)
+            times.append((time.perf_counter() - start) * 1e6)
+        return statistics.median(times)
+
+
+def _zeros(spec: TensorSpec) -> np.ndarray:
+    shape = tuple(1 if d < 0 else d for d in spec.shape)
+    if spec.datatype is datatypes.BYTES:
+        return np.full(shape, "", dtype=object)
+    return np.zeros(shape, dtype=spec.datatype.dtype)
+
+
+def _specs(args: Sequence[Any]) -> tuple[TensorSpec, ...]:
+    specs = []
+    for arg in args:
+        shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (arg.shape or ()))
+        specs.append(TensorSpec(arg.name, datatypes.from_onnx(arg.type), shape))
+    return tuple(specs)
+
+
+def read_metadata(session: ort.InferenceSession) -> ModelMetadata | None:
+    """The exporter's metadata, None for a model that has none (served, but without labels)."""
+    props = dict(session.get_modelmeta().custom_metadata_map)
+    if not any(k.startswith(PREFIX) for k in props):
+        return None
+    return ModelMetadata.from_props(props)
+
+
+def _check_metadata(meta: ModelMetadata | None, version: ModelVersion) -> None:
+    if meta is None:
+        return
+    if version.input(meta.input.name) is None:
+        raise LoadError(f"the metadata names input {meta.input.name!r}, which the graph lacks")
+    if version.output(meta.output.name) is None:
+        raise LoadError(f"the metadata names output {meta.output.name!r}, which the graph lacks")
+
+
+def _session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.inter_op_num_threads = options.inter_op_threads
+    so.log_severity_level = 3  # ORT's own warnings go to stderr unstructured; keep errors only
+    return ort.InferenceSession(str(path), sess_options=so, providers=options.provider_list())
+
+
+def load_version(name: str, version: int, path: Path, options: RuntimeOptions) -> ModelVersion:
+    """Check, load and warm up one version; `LoadError` with the reason when it cannot serve.
+
+    Blocking (seconds for a large model): call it from a worker thread.
+    """
+    try:
+        stat = path.stat()
+        check_inference_mode(path)
+        session = _session(path, options)
+        loaded = ModelVersion(
+            name=name,
+            version=version,
+            path=path,
+            session=session,
+            inputs=_specs(session.get_inputs()),
+            outputs=_specs(session.get_outputs()),
+            metadata=read_metadata(session),
+            stamp=(stat.st_mtime_ns, stat.st_size),
+            inline_max_us=options.inline_max_us,
+        )
+        _check_metadata(loaded.metadata, loaded)
+        loaded.warmup_us = loaded.warm_up(options.warmup_runs)
+    except LoadError:
+        raise
+    except WireError as exc:
+        raise LoadError(f"{path} is not a valid ONNX file ({exc})") from None
+    except (OSError, ValueError, MetadataError) as exc:
+        raise LoadError(str(exc)) from None
+    except Exception as exc:  # ONNX Runtime raises its own classes, with useful messages
+        raise LoadError(f"ONNX Runtime could not load or run it: {_first_line(exc)}") from None
+    return loaded
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]

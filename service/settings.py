@@ -1,0 +1,167 @@
+"""The service's one configuration: environment variables `FOLDSERVE_*` and `foldserve serve`.
+
+Built once at start-up (`load_settings`) and passed down (`create_app(settings)`), so tests make
+apps with their own settings instead of patching globals. A bad value fails at start-up with one
+line naming the variable, never later in a request.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "FOLDSERVE_"
+MiB = 1 << 20
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message is one line a person can act on."""
+
+
+def _split_commas(value: Any) -> Any:
+    """`a,b` from the environment or the command line; lists pass through."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
+
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field names are the CLI option names with `-` for `_`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    repository: Path = Field(Path("models"), description="model repository folder")
+    models: CommaList = Field(
+        (),
+        description="models to load at start-up and require for readiness, comma-separated "
+        "(default: every model in the repository)",
+    )
+    providers: CommaList = Field(
+        ("auto",),
+        description="ONNX Runtime execution providers in order of preference, comma-separated: "
+        "'auto' (CUDA when ONNX Runtime offers it, else CPU), or names such as "
+        "'CUDAExecutionProvider,CPUExecutionProvider' ('cuda' and 'cpu' are accepted)",
+    )
+    device_id: int = Field(0, ge=0, description="GPU device id for CUDA/TensorRT providers")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads within an operator (0: ONNX Runtime's choice)"
+    )
+    inter_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads across operators (0: ONNX Runtime's choice)"
+    )
+    max_body_bytes: int = Field(
+        64 * MiB, gt=0, description="largest request body accepted; larger ones get 413"
+    )
+    api_token: SecretStr | None = Field(
+        None,
+        description="if set, infer, classify, repository control and stats require "
+        "'Authorization: Bearer <token>'",
+    )
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level of the service and uvicorn"
+    )
+    access_log: bool = Field(True, description="one structured log line per request")
+    request_id_header: str = Field(
+        "X-Request-ID",
+        min_length=1,
+        description="header carrying the request id: taken from the request when present, "
+        "generated otherwise, and echoed in the response and the access log",
+    )
+    warmup_runs: int = Field(3, ge=1, description="inference runs at load before a version serves")
+    inline_max_us: float = Field(
+        200.0,
+        ge=0,
+        description="run inference on the event loop, not a worker thread, when the warm-up "
+        "measured a call at most this long (the thread handoff costs more than a tiny model)",
+    )
+    # The dynamic batcher's knobs (issue 6). Reported in each model's config today; the
+    # batcher will read them, and config.json may override them per model.
+    max_batch_size: int = Field(
+        64, ge=0, description="largest batch the dynamic batcher forms (0: no batching)"
+    )
+    max_queue_delay_us: int = Field(
+        500, ge=0, description="longest a request waits in the batcher for companions"
+    )
+    max_queue_size: int = Field(
+        1024, ge=1, description="requests queued per model before new ones get 503"
+    )
+
+    _split = field_validator("models", "providers", mode="before")(_split_commas)
+
+    @field_validator("repository")
+    @classmethod
+    def _repository_is_a_folder(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{value} is not a folder")
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _some_provider(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("name at least one provider, or 'auto'")
+        return value
+
+    def token(self) -> str | None:
+        return self.api_token.get_secret_value() if self.api_token else None
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Environment, then `overrides` (CLI options, None meaning 'not given') on top.
+
+    Raises `SettingsError` with one line naming the first bad variable.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    field = ".".join(str(p) for p in error["loc"]) or "settings"
+    env = ENV_PREFIX + field.split(".")[0].upper()
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"invalid setting {field} ({env}): {error['msg']}{more}"
+
+
+class CliOption(BaseModel):
+    """One `foldserve serve` option, derived from a Settings field so the two never drift."""
+
+    flag: str
+    field: str
+    help: str
+    default: Any
+
+
+def cli_options() -> list[CliOption]:
+    """The options `foldserve serve` should offer: `--<field-with-dashes>`, help from the field."""
+    options = []
+    for name, info in Settings.model_fields.items():
+        default = info.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        options.append(
+            CliOption(
+                flag="--" + name.replace("_", "-"),
+                field=name,
+                help=info.description or name,
+                default=default,
+            )
+        )
+    return options
