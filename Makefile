@@ -16,13 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,serve,cpu,dev]'
 	touch $(STAMP)
 
-## run: the main job: train the default digits model (or report the finished run)
+## run: the main job: train, fold, export and verify the digits model unless models/ has it
 run: $(STAMP)
-	@if [ -f $(RUN_DIR)/checkpoint.pt ]; then \
-		$(BIN)/foldserve train --out $(RUN_DIR) --resume; \
-	else \
-		$(BIN)/foldserve train --out $(RUN_DIR) --bn-recalibrate; \
-	fi
+	$(BIN)/foldserve run --repository models --name digits --out $(RUN_DIR)
 
 ## test: the whole test suite (what CI runs)
 test: $(STAMP)

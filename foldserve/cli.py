@@ -193,11 +193,144 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    raise UsageError(
-        "the inference service is not part of this release yet; "
-        "train with 'foldserve train' meanwhile"
+def cmd_fold(args: argparse.Namespace) -> int:
+    import torch
+
+    from training.fold import fold_model
+    from training.train import load_trained_model, validation_data
+
+    model, state = load_trained_model(args.checkpoint)
+    val_x, _ = validation_data(state)
+    _, report = fold_model(model, torch.from_numpy(val_x[: args.calibration]))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    return export_and_report(
+        args.checkpoint, args.repository, args.name, args.version, args.tolerance
     )
+
+
+def export_and_report(
+    checkpoint: Path, repository: Path, name: str, version: int | None, tolerance: float
+) -> int:
+    from training.export import export_checkpoint
+
+    result = export_checkpoint(checkpoint, repository, name, version, tolerance)
+    v = result.verification
+    print(f"exported    {result.path} (model {result.name!r}, version {result.version})")
+    print(
+        f"folded      {len(result.fold_report.folded)} BatchNorm(s), "
+        f"{len(result.fold_report.skipped)} left in place"
+    )
+    print(
+        f"verified    on {v['examples']} validation examples: max |diff| "
+        f"{v['max_abs_diff']:.3g} (rel {v['max_rel_diff']:.3g}, allowed {v['bound']:.3g}), "
+        f"argmax agreement {100 * v['argmax_agreement']:.2f} %"
+    )
+    print(
+        f"accuracy    unfolded PyTorch {100 * v['accuracy_torch_unfolded']:.2f} %, "
+        f"folded ONNX {100 * v['accuracy_onnx_folded']:.2f} %"
+    )
+    return 0
+
+
+def cmd_fold_onnx(args: argparse.Namespace) -> int:
+    from training.onnx_fold import fold_onnx_file
+
+    report = fold_onnx_file(
+        args.input, args.output, inputs_npz=args.inputs, verify=not args.no_verify
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(f"{report}\nwritten {args.output}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: train and export only when the repository lacks the model."""
+    from training.repository import versions
+
+    repo = Path(args.repository)
+    published = versions(repo, args.name)
+    if published:
+        print(
+            f"{repo / args.name} already holds version(s) {', '.join(map(str, published))}; "
+            "nothing to train (delete it, or export a checkpoint with 'foldserve export', "
+            "to publish another)"
+        )
+        return _serve_after_run(args)
+    from training.checkpoint import load_checkpoint
+    from training.train import CHECKPOINT_NAME, TrainConfig, train
+
+    run_dir = Path(args.out)
+    checkpoint = run_dir / CHECKPOINT_NAME
+    resume = checkpoint.exists()
+    if resume:
+        cfg = TrainConfig.from_dict(load_checkpoint(checkpoint)["train_config"])
+    else:
+        cfg = TrainConfig(bn_recalibrate=True)
+    result = train(cfg, run_dir, resume=resume, progress=_progress(args))
+    print(f"trained     {cfg.model}: val acc {100 * result.val_acc:.2f} % ({checkpoint})")
+    export_and_report(checkpoint, repo, args.name, None, 1e-4)
+    return _serve_after_run(args)
+
+
+def _serve_after_run(args: argparse.Namespace) -> int:
+    if args.no_serve:
+        return 0
+    print(f"serving     {args.repository} on http://{args.host}:{args.port} (Ctrl-C stops)")
+    sys.stdout.flush()
+    from service.main import serve
+
+    serve({"repository": args.repository, "host": args.host, "port": args.port})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.main import serve
+
+    serve(serve_overrides(args))
+    return 0
+
+
+SERVE_FIELDS: list[str] = []  # Settings fields offered as `foldserve serve` options
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    """One option per service Settings field, so the CLI and the settings never drift.
+
+    Every default is None ("not given"), so FOLDSERVE_* environment variables still apply.
+    Without the `serve` extra the command is listed but says what to install.
+    """
+    try:
+        from service.settings import cli_options
+    except ImportError:
+        p.description = (
+            f"{p.description} Needs the 'serve' extra: pip install 'foldserve[serve,cpu]'."
+        )
+        return
+    for option in cli_options():
+        SERVE_FIELDS.append(option.field)
+        help_text = (
+            f"{option.help} (default: {option.default}; env FOLDSERVE_{option.field.upper()})"
+        )
+        if isinstance(option.default, bool):
+            p.add_argument(
+                option.flag,
+                dest=option.field,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
+        else:
+            p.add_argument(option.flag, dest=option.field, default=None, help=help_text)
+
+
+def serve_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {field: getattr(args, field, None) for field in SERVE_FIELDS}
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -218,7 +351,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
+    _add_train_command(sub)
+    _add_why_bn_command(sub)
+    _add_fold_command(sub)
+    _add_export_command(sub)
+    _add_fold_onnx_command(sub)
+    _add_run_command(sub)
+    _add_models_command(sub)
+    _add_serve_command(sub)
+    return parser
 
+
+def _add_train_command(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="train a BN network and checkpoint it",
@@ -244,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
 
+
+def _add_why_bn_command(sub: Any) -> None:
     p = sub.add_parser(
         "why-bn",
         help="train one architecture with and without BN over several learning rates",
@@ -256,24 +402,112 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/why_bn", help="output folder (runs/why_bn)")
     p.set_defaults(handler=cmd_why_bn)
 
+
+def _add_fold_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "fold",
+        help="fold a checkpoint's BatchNorms and print the report",
+        description="Fold every BatchNorm of a trained checkpoint into its conv/linear "
+        "neighbour where that is exact, verify against a float64 copy of the original on the "
+        "run's validation data, and print what was folded, what was not and why.",
+    )
+    p.add_argument("checkpoint", help="a checkpoint written by 'foldserve train'")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--calibration", type=positive_int, default=64, help="validation examples to verify on"
+    )
+    p.set_defaults(handler=cmd_fold)
+
+
+def _add_export_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "export",
+        help="fold a checkpoint, export it to ONNX, verify it and publish it",
+        description="Eval mode, fold, export to ONNX (opset 18, dynamic batch, input 'input', "
+        "output 'logits'), onnx.checker full check, then ONNX Runtime vs the unfolded PyTorch "
+        "model on the run's validation data. Only if all pass is REPOSITORY/NAME/VERSION/"
+        "model.onnx written (the folder appears whole or not at all).",
+    )
+    p.add_argument("checkpoint", help="a checkpoint written by 'foldserve train'")
+    p.add_argument("--name", default="digits", help="model name in the repository (digits)")
+    p.add_argument("--repository", default="models", help="model repository folder (models)")
+    p.add_argument("--version", type=positive_int, help="version to write (default: next)")
+    p.add_argument(
+        "--tolerance",
+        type=positive_float,
+        default=1e-4,
+        help="allowed max |diff| per unit of (1 + max |y|) (1e-4)",
+    )
+    p.set_defaults(handler=cmd_export)
+
+
+def _add_fold_onnx_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "fold-onnx",
+        help="fold BatchNormalization nodes in any ONNX file",
+        description="Fold BatchNormalization nodes into neighbouring Conv, ConvTranspose, Gemm "
+        "and MatMul nodes of any ONNX file, whatever produced it, and verify the result "
+        "against the original in ONNX Runtime with graph optimisations off. The input file is "
+        "never modified; nothing is written unless verification passes. Needs no torch.",
+    )
+    p.add_argument("input", help="the ONNX file to fold")
+    p.add_argument("-o", "--output", required=True, help="where to write the folded file")
+    p.add_argument(
+        "--inputs", help="an .npz with one array per graph input, to verify on real data"
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=cmd_fold_onnx)
+
+
+def _add_run_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the main job: train, fold, export and verify the digits model if it is missing",
+        description="If REPOSITORY/NAME holds no version yet: train the default digits model "
+        "into --out (resuming a run that was interrupted), then fold, export and verify it "
+        "into the repository. Otherwise do nothing, so running it twice adds no version.",
+    )
+    p.add_argument("--name", default="digits", help="model name in the repository (digits)")
+    p.add_argument("--repository", default="models", help="model repository folder (models)")
+    p.add_argument("--out", default="runs/digits", help="training run folder (runs/digits)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-serve", action="store_true", help="stop after the export")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to serve on (8000)")
+    p.set_defaults(handler=cmd_run)
+
+
+def _add_models_command(sub: Any) -> None:
     p = sub.add_parser("models", help="list the registry's BN networks")
     p.set_defaults(handler=cmd_models)
 
+
+def _add_serve_command(sub: Any) -> None:
     p = sub.add_parser(
         "serve",
-        help="serve the model repository over the Open Inference Protocol (not yet built)",
-        description="Serve models/<name>/<version>/model.onnx through ONNX Runtime over the "
-        "Open Inference Protocol (KServe v2). Not part of this release yet.",
+        help="serve the model repository over the Open Inference Protocol (KServe/Triton v2)",
+        description="Serve every REPOSITORY/<name>/<version>/model.onnx through ONNX Runtime "
+        "(CUDA when available, else CPU) over the Open Inference Protocol: /v2 health, "
+        "metadata, infer (JSON and binary tensors), classification, repository control, "
+        "/metrics. Each option can also be set by its FOLDSERVE_* environment variable.",
     )
+    add_serve_options(p)
     p.set_defaults(handler=cmd_serve)
-    return parser
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story; imported only once a command ran."""
     errors: list[type[BaseException]] = [UsageError]
-    if "training.errors" in sys.modules:
-        errors.append(sys.modules["training.errors"].TrainingError)
+    for module, name in (
+        ("training.errors", "TrainingError"),
+        ("training.onnx_fold_report", "OnnxFoldError"),
+        ("training.fold", "FoldError"),
+        ("foldserve.model_metadata", "MetadataError"),
+        ("service.settings", "SettingsError"),
+    ):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 

@@ -31,7 +31,7 @@ from training.atomic import atomic_write_text
 from training.bn_stats import recalibrate_bn, require_eval_mode
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import DataInfo, Split, load_source, make_split
-from training.errors import CheckpointError, ConfigError, TrainingDivergedError
+from training.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from training.plots import plot_history
 
 log = logging.getLogger(__name__)
@@ -419,3 +419,17 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = models.build_model(state["model"]["name"], state["model"]["config"])
     model.load_state_dict(state["state_dict"])
     return model.eval(), state
+
+
+def validation_data(state: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """A checkpoint's own validation split, normalised as in training; refuses changed data."""
+    cfg = TrainConfig.from_dict(state["train_config"])
+    info = DataInfo.from_dict(state["data_info"])
+    data = load_source(cfg.data, cfg.image_size, cfg.color_mode)
+    split = make_split(data, cfg.val_fraction, cfg.seed)
+    if split.info.normalization != info.normalization or split.info.label_names != info.label_names:
+        raise DataError(
+            f"the data at {cfg.data!r} is not what the checkpoint was trained on (labels or "
+            "normalisation differ), so its validation split cannot be rebuilt"
+        )
+    return split.val_x, split.val_y

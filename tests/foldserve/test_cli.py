@@ -116,3 +116,63 @@ def test_why_bn_writes_plot_table_and_data(tmp_path):
     assert table.startswith("| learning rate | BN |")
     assert "diverged" in table
     assert "| 0.05 | yes |" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished two-epoch digits run, trained through the CLI like a user would."""
+    root = tmp_path_factory.mktemp("cli")
+    result = run(
+        "train", "--model-option", "widths=[8,16]", "--epochs", "2", "--out", "runs/digits",
+        cwd=root,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_fold_prints_the_report(tiny_run):
+    result = run("fold", "runs/digits/checkpoint.pt", cwd=tiny_run)
+    assert result.returncode == 0, result.stderr
+    assert "4 folded, 0 skipped, 0 foldable left" in result.stdout
+    as_json = json.loads(run("fold", "runs/digits/checkpoint.pt", "--json", cwd=tiny_run).stdout)
+    assert len(as_json["folded"]) == 4 and as_json["verification"]["passed"]
+
+
+def test_run_exports_once_and_a_second_run_adds_no_version(tiny_run):
+    first = run("run", "--no-progress", "--no-serve", cwd=tiny_run)
+    assert first.returncode == 0, first.stderr
+    assert "models/digits/1/model.onnx" in first.stdout
+    assert "argmax agreement 100.00 %" in first.stdout
+    second = run("run", "--no-progress", "--no-serve", cwd=tiny_run)
+    assert second.returncode == 0, second.stderr
+    assert "already holds version(s) 1" in second.stdout
+    assert sorted(p.name for p in (tiny_run / "models" / "digits").iterdir()) == ["1"]
+
+
+def test_export_errors_are_one_line(tiny_run):
+    result = run("export", "runs/digits/checkpoint.pt", "--name", "../evil", cwd=tiny_run)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "foldserve export: error: invalid model name '../evil': use letters, digits, '_', '-' "
+        "and '.', starting with a letter or digit (at most 128 characters)"
+    ]
+    missing = run("export", "nope.pt", cwd=tiny_run)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_fold_onnx_folds_a_file_without_torch(tmp_path):
+    shipped = REPO / "models" / "digits" / "1" / "model.onnx"
+    code = (
+        "import sys\nfrom foldserve.cli import main\n"
+        f"rc = main(['fold-onnx', {str(shipped)!r}, '-o', {str(tmp_path / 'out.onnx')!r}])\n"
+        "assert 'torch' not in sys.modules, 'fold-onnx imported torch'\nsys.exit(rc)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "nothing to fold" in result.stdout  # the shipped model is already folded
+    assert (tmp_path / "out.onnx").is_file()
+    bad = run("fold-onnx", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "x.onnx"))
+    assert bad.returncode == 1 and len(bad.stderr.strip().splitlines()) == 1
