@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,20 +30,22 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from training import fold_math
-from training.errors import TrainingError, TrainingModeError
 from training.fold_math import FoldRangeError
-
-Direction = Literal["bn-after", "bn-before"]
-Exactness = Literal["exact", "scale-only"]
-
-# A float32 fold may at most double the unfolded model's own float32 error, plus this much of
-# (1 + max|y|); the same rule, with the dtype's own slack, decides verification for any dtype.
-DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-6,
-    torch.float16: 4e-3,
-    torch.bfloat16: 3e-2,
-}
+from training.fold_report import (
+    Direction,
+    Exactness,
+    FoldedPair,
+    FoldError,
+    FoldReport,
+    FoldVerificationError,
+    MissingProbeInputError,
+    ModelCounts,
+    ModelInTrainingModeError,
+    SkippedBN,
+    UntraceableModelError,
+    Verification,
+)
+from training.fold_verify import DEFAULT_TOLERANCE, Recorder, verify_fold
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -60,112 +61,6 @@ _LAYOUT_METHODS = frozenset(
 )
 # Functional BatchNorm: its arguments are bound by name, so positional and keyword calls agree.
 _BN_SIGNATURE = inspect.signature(F.batch_norm)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class FoldError(TrainingError):
-    """Base class of the folder's errors; the CLI prints any TrainingError as one line."""
-
-
-class ModelInTrainingModeError(FoldError, TrainingModeError):
-    """The model is in training mode, where BatchNorm uses batch statistics."""
-
-
-class MissingProbeInputError(FoldError, ValueError):
-    """No example input was given and the model has no ``input_shape`` to build one from."""
-
-
-class UntraceableModelError(FoldError, ValueError):
-    """torch.fx cannot trace the model (data-dependent control flow, for instance)."""
-
-
-class FoldVerificationError(FoldError, RuntimeError):
-    """The folded model differs from the original by more than the tolerance."""
-
-    def __init__(self, report: FoldReport, check: Verification) -> None:
-        self.report = report
-        self.max_abs_diff = check.max_abs_diff
-        self.worst_layer = check.worst_layer
-        super().__init__(
-            f"folded model differs from the original by {check.max_abs_diff:.3g} "
-            f"(allowed {check.bound:.3g}); worst folded layer: {check.worst_layer} "
-            f"(normalised difference {check.worst_layer_diff:.3g})"
-        )
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass(frozen=True)
-class FoldedPair:
-    """One BatchNorm folded into one layer (bn-after) or into every consumer (bn-before)."""
-
-    bn: str
-    layers: tuple[str, ...]
-    layer_types: tuple[str, ...]
-    direction: Direction
-    # "scale-only": the BN's shift is zero, so only weights are rescaled. That is exact even
-    # across zero padding and into transposed convolutions, where an affine fold is not.
-    exactness: Exactness
-    max_rel_weight_change: float
-
-
-@dataclass(frozen=True)
-class SkippedBN:
-    """A BatchNorm left in the model, with a machine-readable kind and a readable reason."""
-
-    bn: str
-    kind: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ModelCounts:
-    parameters: int
-    buffers: int
-    leaf_modules: int
-    batchnorms: int
-
-
-@dataclass(frozen=True)
-class Verification:
-    """Folded model vs a float64 eval copy of the original on one probe batch."""
-
-    probe: str
-    probe_shape: tuple[int, ...]
-    dtype: str
-    max_abs_diff: float
-    max_rel_diff: float  # max_abs_diff / max|y_ref|
-    unfolded_abs_diff: float  # the original model's own error in its dtype
-    bound: float  # 2 * unfolded_abs_diff + tolerance * (1 + max|y_ref|)
-    passed: bool
-    worst_layer: str | None
-    worst_layer_diff: float  # max|a - a_ref| / (1 + max|a_ref|) at that layer's output
-
-
-@dataclass(frozen=True)
-class FoldReport:
-    model: str
-    folded: tuple[FoldedPair, ...]
-    skipped: tuple[SkippedBN, ...]
-    before: ModelCounts
-    after: ModelCounts
-    foldable_left: int  # BNs a fresh analysis of the folded graph would still fold (want 0)
-    verification: Verification | None = None
-
-    @property
-    def max_rel_weight_change(self) -> float:
-        return max((p.max_rel_weight_change for p in self.folded), default=0.0)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["max_rel_weight_change"] = self.max_rel_weight_change
-        return _json_safe(data)
-
-    def __str__(self) -> str:
-        return "\n".join(_report_lines(self))
 
 
 # --------------------------------------------------------------------------- public API
@@ -190,7 +85,7 @@ def fold_model(
     probe = make_probe(model, probe_batch_size, seed) if example_input is None else example_input
     graph_module = _trace(model)
     reference = copy.deepcopy(graph_module) if verify else None
-    unfolded = _Recorder(graph_module).run_recorded(probe)
+    unfolded = Recorder(graph_module).run_recorded(probe)
     folder = _Folder(graph_module, unfolded.shapes, unfolded.values)
     bns_before = folder.bn_count()
     skipped = folder.run()
@@ -205,7 +100,7 @@ def fold_model(
     )
     if reference is not None:
         source = "caller's batch" if example_input is not None else "generated"
-        check = _verify(reference, folded, probe, unfolded.result, folder.value_map, tolerance)
+        check = verify_fold(reference, folded, probe, unfolded.result, folder.value_map, tolerance)
         report = replace(report, verification=replace(check, probe=source))
         if not check.passed:
             raise FoldVerificationError(report, check)
@@ -365,40 +260,6 @@ def _constant_along(ids: Tensor, axis: int) -> Tensor | None:
     """The value per slice of ``axis`` if every slice holds a single value, else None."""
     moved = ids.movedim(axis, 0).reshape(ids.shape[axis], -1)
     return moved[:, 0].clone() if bool((moved == moved[:, :1]).all()) else None
-
-
-class _Recorder(fx.Interpreter):
-    """Runs a graph, remembering shapes, non-tensor values and copies of chosen outputs."""
-
-    def __init__(self, graph_module: fx.GraphModule, keep: frozenset[str] = frozenset()) -> None:
-        super().__init__(graph_module)
-        self.keep = keep
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.values: dict[str, Any] = {}
-        self.kept: dict[str, Tensor] = {}
-        self.result: Any = None
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        if isinstance(out, Tensor):
-            self.shapes[n.name] = tuple(out.shape)
-            if n.name in self.keep:  # copy now: an in-place ReLU may overwrite it later
-                self.kept[n.name] = out.detach().clone()
-        elif _is_plain(out):
-            self.values[n.name] = out
-        return out
-
-    def run_recorded(self, x: Tensor) -> _Recorder:
-        with torch.no_grad():
-            self.result = self.run(x)
-        return self
-
-
-def _is_plain(value: Any) -> bool:
-    """Sizes, ints and other constants a layout op may take as arguments."""
-    if isinstance(value, tuple | list):
-        return all(_is_plain(v) for v in value)
-    return isinstance(value, int | float | bool | str | type(None))
 
 
 class _NotConstantError(Exception):
@@ -791,129 +652,6 @@ def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.M
     new.weight = nn.Parameter(weight.to(module.weight.device), requires_grad=grad)
     new.bias = None if bias is None else nn.Parameter(bias.to(module.weight.device), grad)
     return new
-
-
-# --------------------------------------------------------------------------- verification
-
-
-def _verify(
-    reference: fx.GraphModule,
-    folded: fx.GraphModule,
-    probe: Tensor,
-    unfolded_output: Any,
-    value_map: Mapping[str, tuple[str, str]],
-    tolerance: float | None,
-) -> Verification:
-    ref_names = frozenset(ref for ref, _ in value_map.values())
-    ref = _Recorder(reference.double(), ref_names).run_recorded(probe.double())
-    out = _Recorder(folded, frozenset(value_map)).run_recorded(probe)
-    y_ref, y, y_unfolded = _tensors(ref.result), _tensors(out.result), _tensors(unfolded_output)
-    scale = max((_max_abs(t) for t in y_ref), default=0.0)
-    err, unfolded_err = _max_diff(y, y_ref), _max_diff(y_unfolded, y_ref)
-    allowed = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(probe.dtype, 1e-6)
-    bound = 2 * unfolded_err + allowed * (1 + scale)
-    worst, worst_diff = None, 0.0
-    for node, (ref_node, label) in value_map.items():
-        a_ref = ref.kept[ref_node]
-        diff = _max_diff([out.kept[node]], [a_ref]) / (1 + _max_abs(a_ref))
-        if worst is None or diff > worst_diff:
-            worst, worst_diff = label, diff
-    return Verification(
-        probe="",
-        probe_shape=tuple(probe.shape),
-        dtype=str(probe.dtype).removeprefix("torch."),
-        max_abs_diff=err,
-        max_rel_diff=err / scale if scale > 0 else err,
-        unfolded_abs_diff=unfolded_err,
-        bound=bound,
-        passed=err <= bound,
-        worst_layer=worst,
-        worst_layer_diff=worst_diff,
-    )
-
-
-def _max_abs(t: Tensor) -> float:
-    return float(t.abs().max()) if t.numel() else 0.0
-
-
-def _tensors(value: Any) -> list[Tensor]:
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        return [t for item in value for t in _tensors(item)]
-    return []
-
-
-def _max_diff(values: list[Tensor], references: list[Tensor]) -> float:
-    """Largest absolute difference; inf on any shape mismatch or NaN."""
-    if len(values) != len(references):
-        return math.inf
-    worst = 0.0
-    for a, b in zip(values, references, strict=True):
-        if a.shape != b.shape:
-            return math.inf
-        if a.numel():
-            diff = float((a.double() - b.double()).abs().max())
-            worst = math.inf if math.isnan(diff) else max(worst, diff)
-    return worst
-
-
-# --------------------------------------------------------------------------- printing
-
-
-def _report_lines(report: FoldReport) -> Iterator[str]:
-    b, a = report.before, report.after
-    yield (
-        f"BatchNorm folding of {report.model}: {len(report.folded)} folded, "
-        f"{len(report.skipped)} skipped, {report.foldable_left} foldable left"
-    )
-    yield f"  parameters {b.parameters:,} -> {a.parameters:,}"
-    yield f"  buffers {b.buffers:,} -> {a.buffers:,}"
-    yield f"  leaf modules {b.leaf_modules} -> {a.leaf_modules}"
-    yield f"  BatchNorms {b.batchnorms} -> {a.batchnorms}"
-    yield f"  largest relative weight change: {report.max_rel_weight_change:.3g}"
-    if report.folded:
-        yield "folded:"
-        width = max(len(p.bn) for p in report.folded)
-        for p in report.folded:
-            layers = ", ".join(f"{n} ({t})" for n, t in zip(p.layers, p.layer_types, strict=True))
-            yield f"  {p.bn:<{width}}  {p.direction:<9}  {p.exactness:<10}  into {layers}"
-    if report.skipped:
-        yield "skipped:"
-        for s in report.skipped:
-            yield f"  {s.bn} [{s.kind}]: {s.reason}"
-    yield from _verification_lines(report.verification)
-
-
-def _verification_lines(check: Verification | None) -> Iterator[str]:
-    if check is None:
-        yield "verification: not run"
-        return
-    shape = "x".join(map(str, check.probe_shape))
-    yield (
-        f"verification ({check.probe} probe {shape}, {check.dtype}): "
-        f"{'passed' if check.passed else 'FAILED'}"
-    )
-    yield (
-        f"  max abs diff {check.max_abs_diff:.3g} (rel {check.max_rel_diff:.3g}) vs float64 "
-        f"original; unfolded model's own diff {check.unfolded_abs_diff:.3g}; "
-        f"allowed {check.bound:.3g}"
-    )
-    if check.worst_layer:
-        yield f"  worst folded layer: {check.worst_layer} ({check.worst_layer_diff:.3g})"
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types only: tuples become lists, and non-finite floats become strings."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 __all__ = [
