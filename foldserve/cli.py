@@ -208,16 +208,21 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     return export_and_report(
-        args.checkpoint, args.repository, args.name, args.version, args.tolerance
+        args.checkpoint, args.repository, args.name, args.version, args.tolerance, args.dtype
     )
 
 
 def export_and_report(
-    checkpoint: Path, repository: Path, name: str, version: int | None, tolerance: float
+    checkpoint: Path,
+    repository: Path,
+    name: str,
+    version: int | None,
+    tolerance: float | None,
+    dtype: str = "fp32",
 ) -> int:
     from training.export import export_checkpoint
 
-    result = export_checkpoint(checkpoint, repository, name, version, tolerance)
+    result = export_checkpoint(checkpoint, repository, name, version, tolerance, dtype)
     v = result.verification
     print(f"exported    {result.path} (model {result.name!r}, version {result.version})")
     print(
@@ -230,8 +235,8 @@ def export_and_report(
         f"argmax agreement {100 * v['argmax_agreement']:.2f} %"
     )
     print(
-        f"accuracy    unfolded PyTorch {100 * v['accuracy_torch_unfolded']:.2f} %, "
-        f"folded ONNX {100 * v['accuracy_onnx_folded']:.2f} %"
+        f"accuracy    unfolded PyTorch fp32 {100 * v['accuracy_torch_unfolded']:.2f} %, "
+        f"folded ONNX {v['dtype']} {100 * v['accuracy_onnx_folded']:.2f} %"
     )
     return 0
 
@@ -274,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(bn_recalibrate=True)
     result = train(cfg, run_dir, resume=resume, progress=_progress(args))
     print(f"trained     {cfg.model}: val acc {100 * result.val_acc:.2f} % ({checkpoint})")
-    export_and_report(checkpoint, repo, args.name, None, 1e-4)
+    export_and_report(checkpoint, repo, args.name, None, None)
     return _serve_after_run(args)
 
 
@@ -435,8 +440,15 @@ def _add_export_command(sub: Any) -> None:
     p.add_argument(
         "--tolerance",
         type=positive_float,
-        default=1e-4,
-        help="allowed max |diff| per unit of (1 + max |y|) (1e-4)",
+        help="allowed max |diff| per unit of (1 + max |y|) against the unfolded float32 model "
+        "(1e-4 for fp32, 1e-2 for fp16, 6e-2 for bf16)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        default="fp32",
+        help="compute precision inside the file; inputs and outputs stay FP32 so clients need "
+        "no change. Folding runs in float64 with one cast to the target (fp32)",
     )
     p.set_defaults(handler=cmd_export)
 

@@ -13,8 +13,10 @@ export with `optimize=False`), which is how an honestly unfolded reference file 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import hashlib
+import itertools
 import logging
 import warnings
 from collections.abc import Iterator
@@ -42,6 +44,11 @@ OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 DEFAULT_TOLERANCE = 1e-4
+# Compute dtypes an export can target; inputs and outputs stay float32 in every case.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Allowed max |diff| per unit of (1 + max|y|) against the unfolded float32 model, by dtype:
+# fp16 keeps 11 significant bits, bf16 8, so their outputs can only agree to that precision.
+DTYPE_TOLERANCE = {"fp32": DEFAULT_TOLERANCE, "fp16": 1e-2, "bf16": 6e-2}
 # Verification runs these batch sizes first, so a broken dynamic batch axis shows up.
 CHECK_BATCHES = (1, 7, 64)
 
@@ -57,6 +64,46 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------- ONNX export
+
+
+class ReducedPrecision(nn.Module):
+    """Runs a model in fp16/bf16 behind a float32 interface.
+
+    Clients keep sending and receiving FP32 (no client change, no fp16 encoding in JSON); the
+    Casts at both ends are exported into the graph, and everything between runs in `dtype`.
+    """
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+        self.input_shape = getattr(inner, "input_shape", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype)).float()
+
+
+def fold_for_dtype(
+    model: nn.Module, calibration: torch.Tensor, dtype: str
+) -> tuple[nn.Module, FoldReport]:
+    """Fold in float64 and cast once to the target dtype, refusing weights it cannot hold.
+
+    For fp32 the folder's own float64 arithmetic already casts once. For fp16/bf16, folding the
+    float32 model and casting again would round twice, so a float64 copy is folded instead.
+    """
+    if dtype == "fp32":
+        return fold_model(model, calibration)
+    target = DTYPES[dtype]
+    folded64, report = fold_model(copy.deepcopy(model).double(), calibration.double())
+    limit = torch.finfo(target).max
+    for name, tensor in itertools.chain(folded64.named_parameters(), folded64.named_buffers()):
+        peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
+        if tensor.is_floating_point() and peak > limit:
+            raise ExportError(
+                f"{name} holds {peak:.3g} after folding, beyond {dtype}'s "
+                f"largest value {limit:.3g}; export in fp32"
+            )
+    return ReducedPrecision(folded64.to(target), target).eval(), report
 
 
 @contextlib.contextmanager
@@ -101,6 +148,17 @@ def export_onnx(
     return proto
 
 
+def check_onnx(proto: onnx.ModelProto, dtype: str = "fp32") -> None:
+    """onnx.checker's full check (types and shapes inferred through the graph), as ExportError."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        hint = f" ({dtype} is not a type every ONNX operator accepts; try fp16)" * (dtype == "bf16")
+        raise ExportError(
+            f"onnx.checker rejects the exported model{hint}: {str(exc).strip().splitlines()[0]}"
+        ) from None
+
+
 def batchnorm_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in proto.graph.node if n.op_type == "BatchNormalization"]
 
@@ -130,7 +188,13 @@ def verify_against_torch(
     """Run the file in ONNX Runtime and the unfolded model in PyTorch on the same data."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types, one per status code
+        raise ExportError(
+            f"ONNX Runtime (CPU) cannot load the exported model, so it cannot be verified: "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from None
     reference.eval()
     onnx_out, torch_out = [], []
     for chunk in _chunks(len(x)):
@@ -176,6 +240,7 @@ def build_metadata(
     checkpoint_sha256: str,
     report: FoldReport,
     verification: dict[str, Any],
+    dtype: str = "fp32",
 ) -> ModelMetadata:
     info = DataInfo.from_dict(state["data_info"])
     history = state.get("history") or [{}]
@@ -212,7 +277,8 @@ def build_metadata(
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "foldserve_version": __version__,
             "opset": OPSET,
-            "dtype": "float32",
+            "dtype": str(DTYPES[dtype]).removeprefix("torch."),
+            "io_dtype": "float32",
         },
     )
 
@@ -237,20 +303,29 @@ def export_checkpoint(
     repository_dir: str | Path,
     name: str,
     version: int | None = None,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
+    dtype: str = "fp32",
 ) -> ExportResult:
-    """The whole job; raises before writing anything if any check fails."""
+    """The whole job; raises before writing anything if any check fails.
+
+    `dtype` is the compute precision inside the file ("fp32", "fp16" or "bf16"); `tolerance`
+    defaults to that dtype's entry in DTYPE_TOLERANCE.
+    """
     checkpoint, repository_dir = Path(checkpoint), Path(repository_dir)
     repository.check_name(name)
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    tolerance = tolerance if tolerance is not None else DTYPE_TOLERANCE[dtype]
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest() if checkpoint.is_file() else ""
     model, state = load_trained_model(checkpoint)
     val_x, val_y = validation_data(state)
 
-    folded, report = fold_model(model, torch.from_numpy(val_x[:64]))
+    folded, report = fold_for_dtype(model, torch.from_numpy(val_x[:64]), dtype)
     log.debug("%s", report)
     proto = export_onnx(folded, torch.from_numpy(val_x[:2]))
-    onnx.checker.check_model(proto, full_check=True)
+    check_onnx(proto, dtype)
     verification = verify_against_torch(proto.SerializeToString(), model, val_x, val_y, tolerance)
+    verification["dtype"] = dtype
     if not verification["passed"]:
         raise ExportVerificationError(
             f"exported model differs from the unfolded PyTorch model by "
@@ -260,7 +335,7 @@ def export_checkpoint(
 
     # Through JSON and back, so the result equals what a reader of the file gets (tuples
     # become lists): the metadata returned is exactly the metadata written.
-    built = build_metadata(name, state, digest, report, verification)
+    built = build_metadata(name, state, digest, report, verification, dtype)
     metadata = ModelMetadata.from_props(built.to_props())
     onnx.helper.set_model_props(proto, metadata.to_props())
     version = version or repository.next_version(repository_dir, name)

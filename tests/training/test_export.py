@@ -138,3 +138,36 @@ def test_killed_exports_never_leave_a_partial_version(checkpoint, tmp_path):
             onnx.checker.check_model(onnx.load(tmp_path / "digits" / str(version) / "model.onnx"))
         for folder in (tmp_path / "digits").glob("*") if (tmp_path / "digits").exists() else []:
             assert folder.name.startswith(".tmp-") or (folder / "model.onnx").is_file()
+
+
+def test_fp16_export_computes_in_half_precision_behind_a_float32_interface(checkpoint, tmp_path):
+    result = export_checkpoint(checkpoint, tmp_path, "digits", dtype="fp16")
+    proto = onnx.load(result.path)
+    io_types = {v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
+    assert io_types == {onnx.TensorProto.FLOAT}
+    weight_types = {t.data_type for t in proto.graph.initializer if len(t.dims) > 1}
+    assert weight_types == {onnx.TensorProto.FLOAT16}
+    v = result.verification
+    assert v["dtype"] == "fp16" and v["passed"]
+    assert v["tolerance"] == 1e-2
+    assert 0 < v["max_abs_diff"] <= v["bound"]  # fp16 rounding shows, within its budget
+    assert v["argmax_agreement"] >= 0.99
+    assert result.metadata.export["dtype"] == "float16"
+    assert result.metadata.export["io_dtype"] == "float32"
+
+
+def test_bf16_is_refused_where_onnx_has_no_bfloat16_conv(checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="bf16 is not a type every ONNX operator accepts"):
+        export_checkpoint(checkpoint, tmp_path, "digits", dtype="bf16")
+    assert repository.versions(tmp_path, "digits") == []
+
+
+def test_fold_for_fp16_refuses_weights_beyond_its_range():
+    from training.export import fold_for_dtype
+
+    model = models.build_model("mlp", {"hidden": (4,)}).eval()
+    model.blocks[0].bn.running_var.fill_(1e-12)
+    model.blocks[0].bn.eps = 1e-12  # scale 7e5: folded weights beyond fp16's 65504
+    model.blocks[0].fc.weight.data.fill_(1.0)
+    with pytest.raises(ExportError, match="beyond fp16's largest value"):
+        fold_for_dtype(model, torch.randn(8, 64), "fp16")
