@@ -229,7 +229,10 @@ def conv_specs(draw: st.DrawFn, transposed: bool | None = None) -> ConvSpec:
             out_pad, draw(st.booleans()), size,
         )  # fmt: skip
     mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
-    padding = draw(st.sampled_from([0, 1, 2, "same"] if stride == 1 else [0, 1, 2]))
+    # Reflect, replicate and circular padding must be smaller than the input they copy from.
+    fits = [p for p in (0, 1, 2) if mode == "zeros" or p < size]
+    same_fits = stride == 1 and (mode == "zeros" or dilation * (kernel - 1) < size)
+    padding = draw(st.sampled_from([*fits, "same"] if same_fits else fits))
     return ConvSpec(
         dims, False, in_ch, out_ch, groups, kernel, stride, dilation, padding, mode, 0,
         draw(st.booleans()), size,
