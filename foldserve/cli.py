@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         r = result.recalibration
         print(
             f"BN recalibrated over {r['batches']} training batches: val acc "
-            f"{100 * r['val_acc_before']:.2f} % (EMA statistics) → "
+            f"{100 * r['val_acc_before']:.2f} % ({cfg.bn_stats} statistics) → "
             f"{100 * r['val_acc_after']:.2f} % (cumulative average)"
         )
     print(f"checkpoint  {run_dir / CHECKPOINT_NAME}")
@@ -389,6 +389,12 @@ def _add_train_command(sub: Any) -> None:
         const=True,
         help="after training, recompute BN population statistics in one pass over the training "
         "set (cumulative average, as momentum=None) and report val accuracy before and after",
+    )
+    p.add_argument(
+        "--bn-stats",
+        metavar="POLICY",
+        help="BN population statistics: ema (PyTorch's EMA, momentum 0.1), ema:<momentum>, "
+        "window:<N> (average of the last N batches) or cumulative (every batch) (ema)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)

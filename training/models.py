@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.batchnorm import use_batchnorm_impl
 from training.errors import ConfigError, UnknownModelError
 
 
@@ -31,7 +32,8 @@ class ModelSpec:
     expected_bn: Callable[[Any], int]
 
     def make(self, **overrides: Any) -> nn.Module:
-        return self.build(make_config(self, overrides))
+        config = make_config(self, overrides)
+        return use_batchnorm_impl(self.build(config), config.bn_impl)
 
 
 MODELS: dict[str, ModelSpec] = {}
@@ -96,6 +98,7 @@ class MLPConfig:
     hidden: tuple[int, ...] = (128, 64)
     num_classes: int = 10
     batch_norm: bool = True
+    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
 
 
 class LinearBlock(nn.Module):
@@ -147,6 +150,7 @@ class CNNConfig:
     widths: tuple[int, ...] = (32, 64)
     num_classes: int = 10
     batch_norm: bool = True
+    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
 
 
 class ConvBlock(nn.Module):
@@ -228,6 +232,7 @@ class ResNetConfig:
     imagenet_stem: bool = True
     image_size: int = 224
     batch_norm: bool = True
+    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
 
 
 class BasicBlock(nn.Module):
@@ -327,6 +332,7 @@ class MobileNetConfig:
         (1024, 2),
     )
     batch_norm: bool = True
+    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
 
 
 class DepthwiseSeparable(nn.Module):
@@ -383,6 +389,7 @@ class PreActConfig:
     widths: tuple[int, ...] = (32, 64)
     num_classes: int = 10
     batch_norm: bool = True
+    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
 
 
 class PreActBlock(nn.Module):

@@ -33,6 +33,7 @@ from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import DataInfo, Split, load_source, make_split
 from training.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from training.plots import plot_history
+from training.population_stats import StatsHandle, parse_bn_stats
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     seed: int = 0
     bn_recalibrate: bool = False
+    bn_stats: str = "ema"  # population statistics: ema, ema:<momentum>, window:<N>, cumulative
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,6 +80,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         models.get_spec(self.model)  # unknown model names fail here, before any work
+        parse_bn_stats(self.bn_stats)  # and so do unknown population statistics
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -303,12 +306,14 @@ def train(
     model, model_config = build(cfg, split.info)
     steps = len(batch_order(len(train_y), cfg.batch_size, epoch_generator(cfg.seed, 1)))
     optimizer, scheduler = make_optimizer(model, cfg, steps)
+    # Before the first step, and before a resume restores the window's last batches.
+    bn_stats = parse_bn_stats(cfg.bn_stats).attach(model)
 
     history: list[dict[str, Any]] = []
     recalibration = None
     if resume:
         history, recalibration = _restore(
-            run_dir / CHECKPOINT_NAME, cfg, model, optimizer, scheduler
+            run_dir / CHECKPOINT_NAME, cfg, model, optimizer, scheduler, bn_stats
         )
         log.info("resuming %s after epoch %d of %d", run_dir, len(history), cfg.epochs)
 
@@ -319,7 +324,9 @@ def train(
         record |= evaluate(model, val_x, val_y)
         record["seconds"] = time.perf_counter() - started
         history.append(record)
-        _write_run(run_dir, cfg, model, model_config, split.info, history, optimizer, scheduler)
+        _write_run(
+            run_dir, cfg, model, model_config, split.info, history, optimizer, scheduler, bn_stats
+        )
         log.info(
             "epoch %d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  (%.2fs)",
             epoch, cfg.epochs, record["train_loss"], record["train_acc"],
@@ -328,13 +335,14 @@ def train(
         if on_epoch:
             on_epoch(record)
 
+    bn_stats.remove()  # training is over: recalibration and the caller get a plain model
     plot_history(history, run_dir / PLOT_NAME, f"{cfg.model} on {split.info.source}")
     result = TrainResult(run_dir, model, history, split.info, recalibration)
     if cfg.bn_recalibrate and recalibration is None:
         result.recalibration = _recalibrate(model, train_x, val_x, val_y, cfg.batch_size)
         _write_run(
             run_dir, cfg, model, model_config, split.info, history, optimizer, scheduler,
-            recalibration=result.recalibration,
+            bn_stats, recalibration=result.recalibration,
         )  # fmt: skip
     return result
 
@@ -361,6 +369,7 @@ def _write_run(
     history: list[dict[str, Any]],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    bn_stats: StatsHandle,
     recalibration: dict[str, float] | None = None,
 ) -> None:
     """Checkpoint first (it is what resume needs), then the history beside it."""
@@ -372,6 +381,7 @@ def _write_run(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": rng_states(),
+            "bn_stats": bn_stats.state_dict(),
             "epoch": len(history),
             "train_config": cfg.to_dict(),
             "data_info": info.to_dict(),
@@ -394,6 +404,7 @@ def _restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    bn_stats: StatsHandle,
 ) -> tuple[list[dict[str, Any]], dict[str, float] | None]:
     state = load_checkpoint(path)
     saved = TrainConfig.from_dict(state["train_config"])
@@ -409,6 +420,7 @@ def _restore(
     model.load_state_dict(state["state_dict"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    bn_stats.load_state_dict(state.get("bn_stats") or {})
     restore_rng_states(state["rng"])
     return list(state["history"]), state.get("recalibration")
 

@@ -195,3 +195,62 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     for r, c in zip(resumed_history, clean_history, strict=True):
         assert r["train_loss"] == pytest.approx(c["train_loss"], rel=1e-6)
         assert r["val_acc"] == c["val_acc"]
+
+
+# --------------------------------------------------------------------------- --bn-stats
+
+
+class StopRunError(Exception):
+    pass
+
+
+def stop_after(epoch: int):
+    def on_epoch(record: dict) -> None:
+        if record["epoch"] == epoch:
+            raise StopRunError
+
+    return on_epoch
+
+
+@pytest.mark.parametrize("bn_stats", ["ema:0.2", "window:8", "cumulative"])
+def test_an_interrupted_run_resumes_to_the_same_running_statistics(tmp_path, bn_stats):
+    """6 batches per epoch; stopped after 3 of 4, a window of 8 needs 2 batches from before."""
+    cfg = TrainConfig(
+        **(TINY | {"epochs": 4}), data=str(synthetic_csv(tmp_path / "b.csv")), bn_stats=bn_stats
+    )
+    train(cfg, tmp_path / "clean", progress=False)
+    with pytest.raises(StopRunError):
+        train(cfg, tmp_path / "cut", progress=False, on_epoch=stop_after(3))
+    train(cfg, tmp_path / "cut", resume=True, progress=False)
+    clean = load_checkpoint(tmp_path / "clean" / "checkpoint.pt")["state_dict"]
+    resumed = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state_dict"]
+    for key, tensor in clean.items():
+        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6, msg=key)
+
+
+def test_window_then_recalibration_and_a_plain_model_back(tmp_path):
+    cfg = TrainConfig(
+        **(TINY | {"epochs": 2}),
+        data=str(synthetic_csv(tmp_path / "b.csv")),
+        bn_stats="window:3",
+        bn_recalibrate=True,
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.recalibration["batches"] > 0
+    assert all(not m._forward_hooks for m in result.model.modules())
+
+
+def test_bad_bn_stats_fail_before_any_work():
+    with pytest.raises(ConfigError, match="unknown BN statistics"):
+        TrainConfig(bn_stats="median")
+
+
+def test_reference_bn_is_a_model_option(tmp_path):
+    from training.batchnorm import ReferenceBatchNorm1d
+
+    cfg = TrainConfig(
+        **(TINY | {"epochs": 2, "model_options": {"hidden": (16,), "bn_impl": "reference"}}),
+        data=str(synthetic_csv(tmp_path / "b.csv")),
+    )
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert any(isinstance(m, ReferenceBatchNorm1d) for m in result.model.modules())
