@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -109,7 +111,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color-mode", choices=("L", "RGB"), help="image folders: L or RGB (L)")
     p.add_argument("--val-fraction", type=fraction, help="stratified hold-out share (0.2)")
     p.add_argument("--epochs", type=positive_int, help="epochs to train (20)")
-    p.add_argument("--batch-size", type=positive_int, help="mini-batch size (64)")
+    p.add_argument("--batch-size", type=positive_int, help="mini-batch size, per process (64)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (0.01)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay on weights (1e-4)")
     p.add_argument("--optimizer", choices=("adamw", "sgd"), help="optimizer (adamw)")
@@ -126,6 +128,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from training.distributed import in_launched_worker
+
+    if args.nproc and not in_launched_worker():  # the relaunched command keeps --nproc
+        return launch_torchrun(args.nproc, args.argv, Path(args.out))
     from training.train import CHECKPOINT_NAME, HISTORY_NAME, PLOT_NAME, TrainConfig, train
 
     run_dir = Path(args.out)
@@ -133,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(
         cfg, run_dir, resume=args.resume, overwrite=args.overwrite, progress=_progress(args)
     )
+    if not result.world.is_main:
+        return 0  # rank 0 reports for the job
     last = result.history[-1]
     print(f"model       {cfg.model} on {result.data_info.source}")
     print(f"epochs      {len(result.history)}")
@@ -144,9 +152,58 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{100 * r['val_acc_before']:.2f} % ({cfg.bn_stats} statistics) → "
             f"{100 * r['val_acc_after']:.2f} % (cumulative average)"
         )
+    if result.world.is_distributed:
+        sync = "off" if cfg.sync_bn is False else "on"
+        print(f"processes   {result.world.size} ({result.world.backend}), sync BN {sync}")
     print(f"checkpoint  {run_dir / CHECKPOINT_NAME}")
     print(f"history     {run_dir / HISTORY_NAME}, plot {run_dir / PLOT_NAME}")
     return 0
+
+
+def launch_torchrun(nproc: int, argv: Sequence[str], run_dir: Path) -> int:
+    """Run this same `foldserve` command as `nproc` processes under torchrun, on this machine.
+
+    When a process dies, torchrun stops the others and prints which rank failed and how; this
+    adds the one thing a person needs next: what state the run folder is in.
+    """
+    from training.distributed import torchrun_command
+
+    proc = subprocess.Popen(torchrun_command(nproc, argv))
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)  # torchrun passes it on to its workers
+        proc.wait()
+        raise
+    if code != 0:
+        print(
+            f"foldserve train: error: distributed training failed: torchrun exited with code "
+            f"{code} (its report above names the rank that failed and why). "
+            f"{_checkpoint_state(run_dir)}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    return 0
+
+
+def _checkpoint_state(run_dir: Path) -> str:
+    """One sentence on the run folder after a failed job: what is there, and how to go on."""
+    from training.checkpoint import load_checkpoint
+    from training.errors import CheckpointError
+    from training.train import CHECKPOINT_NAME
+
+    path = run_dir / CHECKPOINT_NAME
+    if not path.exists():
+        return f"No checkpoint was written to {str(path)!r}."
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as exc:
+        return f"The checkpoint cannot be read: {exc}"
+    epochs = state["train_config"].get("epochs", "?")
+    return (
+        f"The last checkpoint, {str(path)!r} (epoch {state['epoch']} of {epochs}), is intact: "
+        "run the same command with --resume to continue from it."
+    )
 
 
 def _train_config(args: argparse.Namespace, config_cls: type, resume_from: Path | None) -> Any:
@@ -373,7 +430,8 @@ def _add_train_command(sub: Any) -> None:
         help="train a BN network and checkpoint it",
         description="Train a registry model on the bundled digits, an image folder or a CSV "
         "table. Writes RUN_DIR/checkpoint.pt (every epoch, atomically), history.json and "
-        "curves.png. Validation runs in eval mode with BN's running statistics.",
+        "curves.png. Validation runs in eval mode with BN's running statistics. Under torchrun "
+        "(or with --nproc) it trains data-parallel with DDP; only rank 0 writes files.",
     )
     add_train_options(p)
     p.add_argument("--out", default="runs/digits", help="run folder (runs/digits)")
@@ -395,6 +453,24 @@ def _add_train_command(sub: Any) -> None:
         metavar="POLICY",
         help="BN population statistics: ema (PyTorch's EMA, momentum 0.1), ema:<momentum>, "
         "window:<N> (average of the last N batches) or cumulative (every batch) (ema)",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with several processes, normalise BN over the global batch (all processes' "
+        "examples) and keep identical running statistics on every rank; --no-sync-bn: each "
+        "process normalises its own batch and rank 0's statistics are saved (on when "
+        "there are several processes)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        metavar="N",
+        help="train data-parallel as N processes on this machine: launches torchrun "
+        "(python -m torch.distributed.run --standalone --nproc-per-node N) with this same "
+        "command; NCCL and one GPU per process when CUDA is available, else gloo on the CPU. "
+        "--batch-size is per process",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_train)
@@ -532,6 +608,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc` to relaunch
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(message)s",
