@@ -51,6 +51,7 @@ def start_server(
         FOLDSERVE_PORT=str(port),
         FOLDSERVE_INTRA_OP_THREADS="1",
         FOLDSERVE_INTER_OP_THREADS="1",
+        FOLDSERVE_SHUTDOWN_GRACE_S="0",  # tests stop servers at once; tests/deploy covers the drain
     )
     env.update({f"FOLDSERVE_{k.upper()}": v for k, v in settings.items()})
     log = repository.parent / f"server-{port}.log"
