@@ -7,7 +7,7 @@ module-level singleton, so two apps with different settings live side by side in
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -17,6 +17,7 @@ from service.errors import UnauthorizedError
 from service.inference import Executor
 from service.manager import ModelManager
 from service.metrics import Metrics
+from service.protocol import Limits
 from service.runtime import RuntimeOptions
 from service.settings import Settings
 from service.stats import StatsBook
@@ -30,6 +31,7 @@ class Services:
     executor: Executor
     stats: StatsBook
     metrics: Metrics
+    limits: Limits = field(default_factory=Limits)  # per request, from the settings
 
 
 def get_services(request: Request) -> Services:
@@ -50,12 +52,25 @@ def require_token(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
     """401 unless the server has no token or the request carries `Bearer <token>`."""
-    token = services.settings.token()
+    check_bearer(services.settings.token(), credentials.credentials if credentials else None)
+
+
+def check_authorization(token: str | None, header: str | None) -> None:
+    """`require_token` by hand from the raw header, for routes outside FastAPI's dependency
+    injection (the infer hot path); the header is read as `HTTPBearer` reads it."""
+    if token is None:
+        return
+    scheme, _, credentials = (header or "").partition(" ")
+    credentials = credentials.strip()
+    check_bearer(token, credentials if scheme.lower() == "bearer" and credentials else None)
+
+
+def check_bearer(token: str | None, credentials: str | None) -> None:
     if token is None:
         return
     if credentials is None:
         raise UnauthorizedError("missing 'Authorization: Bearer <token>' header")
-    if not hmac.compare_digest(credentials.credentials.encode(), token.encode()):
+    if not hmac.compare_digest(credentials.encode(), token.encode()):
         raise UnauthorizedError("wrong token in the Authorization header")
 
 

@@ -56,7 +56,27 @@ class LoadFailedError(ServiceError):
 
 
 class InferenceFailedError(ServiceError):
-    """ONNX Runtime failed on inputs that passed validation: the model's fault, not the client's."""
+    """ONNX Runtime failed on inputs that passed validation: the model's fault, not the client's.
+
+    The client is told that an internal error occurred, nothing more: ONNX Runtime's own text
+    (`detail`) names source files and C++ signatures, so it goes to the server log only.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class QueueFullError(ServiceError):
+    """The model's batching queue is full: refused at once, with a hint when to come back."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class ClientGoneError(ServiceError):
+    """The client disconnected while its request waited; nobody reads the answer."""
 
 
 # The one table. Order matters only for subclasses, and there are none among these.
@@ -69,6 +89,8 @@ STATUS: dict[type[ServiceError], int] = {
     LoadFailedError: HTTPStatus.BAD_REQUEST,
     ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
     InferenceFailedError: HTTPStatus.INTERNAL_SERVER_ERROR,
+    QueueFullError: HTTPStatus.SERVICE_UNAVAILABLE,
+    ClientGoneError: 499,  # nginx's "client closed request": logged, never received
 }
 
 
@@ -76,16 +98,28 @@ def status_of(exc: ServiceError) -> int:
     return int(STATUS.get(type(exc), HTTPStatus.INTERNAL_SERVER_ERROR))
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else None
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    if status == HTTPStatus.UNAUTHORIZED:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+def error_response_for(exc: ServiceError) -> JSONResponse:
+    """The response for `exc`, per the table; server-side faults are logged once."""
     status = status_of(exc)
     if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
-        logger.error("%s: %s", type(exc).__name__, exc.message)
-    return error_response(status, exc.message)
+        detail = getattr(exc, "detail", "")
+        logger.error("%s: %s%s", type(exc).__name__, exc.message, f" ({detail})" if detail else "")
+    headers = None
+    if isinstance(exc, QueueFullError):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return error_response(status, exc.message, headers)
+
+
+async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    return error_response_for(exc)
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,10 +1,11 @@
 """Running a validated request on a model version, and accounting for it.
 
-`Executor.run` is the seam where the dynamic batcher (issue 6) slots in: it takes a validated
-request's feeds and returns its outputs, and whether they ran alone or merged with others is its
-business. Today each request runs on its own, inline on the event loop when the warm-up measured
-the model at a few microseconds (a thread handoff would cost more), else in a worker thread so
-the loop keeps serving.
+`Executor.run` takes a validated request's feeds and returns its outputs. For a version whose
+`BatchPolicy` is enabled, the request goes through the version's dynamic batcher
+(`service/batching.py`) and may share an ONNX Runtime call with other requests; otherwise, and
+for a request larger than the largest batch, it runs on its own. A call runs inline on the event
+loop when the warm-up measured the model at a few microseconds (a thread handoff would cost more),
+else in a worker thread so the loop keeps serving.
 
 `Executor.track` wraps a whole request (validation, run, encoding) and records it as a success
 or a failure with Triton's reasons, in the statistics behind /stats and /metrics.
@@ -13,17 +14,36 @@ or a failure with Triton's reasons, in the statistics behind /stats and /metrics
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from service.errors import BadRequestError, InferenceFailedError, ServiceError
+from service.batching import Batcher
+from service.errors import (
+    BadRequestError,
+    ClientGoneError,
+    InferenceFailedError,
+    ModelNotReadyError,
+    QueueFullError,
+    ServiceError,
+)
 from service.metrics import Metrics
 from service.runtime import ModelVersion
-from service.stats import BACKEND, OTHER, StatsBook
+from service.stats import BACKEND, CANCELED, OTHER, REJECTED, StatsBook
+
+# ASGI `receive`: after the body, it returns only when the client disconnects (or we answered).
+Disconnect = Callable[[], Awaitable[Any]]
+_REASONS: dict[type[ServiceError], str] = {
+    InferenceFailedError: BACKEND,
+    QueueFullError: REJECTED,
+    ClientGoneError: CANCELED,
+}
 
 
 @dataclass
@@ -38,7 +58,7 @@ class Executor:
         self.stats = stats
         self.metrics = metrics
 
-    @contextmanager
+    @contextlib.contextmanager
     def track(self, model: ModelVersion) -> Iterator[Tracking]:
         """Count the request enclosed as pending, then as a success or failure."""
         record = self.stats.of(model.name, model.version)
@@ -48,8 +68,7 @@ class Executor:
         try:
             yield tracking
         except ServiceError as exc:
-            reason = BACKEND if isinstance(exc, InferenceFailedError) else OTHER
-            record.record_failure(time.perf_counter_ns() - start, reason)
+            record.record_failure(time.perf_counter_ns() - start, _REASONS.get(type(exc), OTHER))
             raise
         except BaseException:
             record.record_failure(time.perf_counter_ns() - start, OTHER)
@@ -61,6 +80,11 @@ class Executor:
         finally:
             record.pending -= 1
 
+    def expecting(self, model: ModelVersion) -> contextlib.AbstractContextManager[None]:
+        """Enclose the reading of a request's body: the batcher waits for such requests."""
+        batcher = self._batcher(model)
+        return batcher.queue.expecting() if batcher else contextlib.nullcontext()
+
     async def run(
         self,
         model: ModelVersion,
@@ -68,8 +92,50 @@ class Executor:
         output_names: Sequence[str],
         batch_size: int,
         tracking: Tracking | None = None,
+        disconnect: Disconnect | None = None,
     ) -> dict[str, np.ndarray]:
-        submitted = time.perf_counter_ns()
+        """The request's outputs (at least `output_names`). `disconnect`, when given, lets a
+        request whose client goes away while it waits be dropped before it runs."""
+        batcher = self._batcher(model)
+        if batcher is not None and batch_size <= batcher.policy.max_batch_size:
+            outputs, queue_ns = await batcher.submit(feeds, batch_size, disconnect)
+        else:
+            submitted = time.perf_counter_ns()
+            outputs, started = await self._execute(model, feeds, output_names, batch_size)
+            queue_ns = max(0, started - submitted)
+        if tracking is not None:
+            tracking.queue_ns = queue_ns
+        return outputs
+
+    def _batcher(self, model: ModelVersion) -> Batcher | None:
+        """The version's batcher, made on first use and remade when its policy changed (a
+        reload with a new config.json); requests queued on the old one still drain."""
+        policy = model.batching
+        if not policy.enabled:
+            return None
+        batcher = model.batcher
+        if batcher is None or batcher.policy != policy:
+            # A weak reference: the batcher lives on the version, and must not keep it alive.
+            execute = functools.partial(self._execute_batch, weakref.ref(model))
+            batcher = model.batcher = Batcher(policy, execute, inline=model.inline)
+        return batcher
+
+    async def _execute_batch(
+        self, ref: weakref.ref[ModelVersion], feeds: dict[str, np.ndarray], rows: int
+    ) -> tuple[dict[str, np.ndarray], int]:
+        model = ref()
+        if model is None:  # cannot happen while a request holds it; be explicit all the same
+            raise ModelNotReadyError("the model version was unloaded")
+        return await self._execute(model, feeds, model.output_names, rows)
+
+    async def _execute(
+        self,
+        model: ModelVersion,
+        feeds: dict[str, np.ndarray],
+        output_names: Sequence[str],
+        rows: int,
+    ) -> tuple[dict[str, np.ndarray], int]:
+        """One ONNX Runtime call; returns the outputs and when it started (perf_counter_ns)."""
         try:
             if model.inline:
                 outputs, timings = model.run(feeds, output_names)
@@ -79,10 +145,8 @@ class Executor:
             raise
         except Exception as exc:
             raise _backend_error(model, exc) from None
-        if tracking is not None:
-            tracking.queue_ns = max(0, timings.start_ns - submitted)
-        self.stats.of(model.name, model.version).record_execution(batch_size, timings)
-        return outputs
+        self.stats.of(model.name, model.version).record_execution(rows, timings)
+        return outputs, timings.start_ns
 
 
 def _backend_error(model: ModelVersion, exc: Exception) -> ServiceError:
@@ -93,4 +157,8 @@ def _backend_error(model: ModelVersion, exc: Exception) -> ServiceError:
         return BadRequestError(
             f"model {model.name!r} version {model.version} rejected the inputs: {text}"
         )
-    return InferenceFailedError(f"model {model.name!r} version {model.version} failed: {text}")
+    return InferenceFailedError(
+        f"internal error: model {model.name!r} version {model.version} failed to run; the "
+        "server log has the details",
+        detail=text,
+    )

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from service.stats import StatsBook, VersionStats
+from service.worker_metrics import SharedMetrics, multiprocess_dir
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (
@@ -122,6 +123,11 @@ class Metrics:
     def __init__(self, stats: StatsBook) -> None:
         self._stats = stats
         self.registry = CollectorRegistry(auto_describe=True)
+        # Several worker processes: /metrics adds them all up (service.worker_metrics).
+        shared_dir = multiprocess_dir()
+        self.shared = (
+            SharedMetrics(lambda: render_triton(self._stats), shared_dir) if shared_dir else None
+        )
         self._request_seconds = Histogram(
             "foldserve_inference_request_duration_seconds",
             "Successful inference request latency, from the body read to the response built",
@@ -144,4 +150,6 @@ class Metrics:
         self._http_seconds.labels(method, route, str(status)).observe(seconds)
 
     def render(self) -> bytes:
+        if self.shared is not None:
+            return self.shared.render()
         return render_triton(self._stats).encode() + generate_latest(self.registry)

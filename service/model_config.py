@@ -60,10 +60,10 @@ def effective_config(
             "warmup_us": round(model.warmup_us, 1),
         },
     }
-    if batched and config.dynamic_batching is not False:
-        delay = config.max_queue_delay_us
+    if model.batching.enabled:  # the policy the batcher enforces, set from this same config
         result["dynamic_batching"] = {
-            "max_queue_delay_microseconds": settings.max_queue_delay_us if delay is None else delay
+            "max_queue_delay_microseconds": model.batching.max_queue_delay_us,
+            "default_queue_policy": {"max_queue_size": model.batching.max_queue_size},
         }
     if model.metadata is not None:
         spec = effective_spec(model.metadata.input, config.preprocessing)

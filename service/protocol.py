@@ -11,10 +11,12 @@ what the model expects; it is complete before anything runs, so a batcher can tr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service import datatypes, tensors
 from service.classification import classify_output
@@ -29,6 +31,28 @@ class OutputRequest:
     name: str
     binary: bool
     classification: int = 0  # top-k requested; 0 for the raw tensor
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may declare (`Settings.max_tensor_elements`, `max_request_batch_size`),
+    checked on each input's shape before its data is converted."""
+
+    max_tensor_elements: int = 1 << 26
+    max_request_batch_size: int = 8192
+
+    def check(self, where: str, shape: tuple[int, ...], model: ModelVersion) -> None:
+        count = tensors.element_count(shape)
+        if count > self.max_tensor_elements:
+            raise BadRequestError(
+                f"{where}: shape {list(shape)} holds {count} elements; this server takes at most "
+                f"{self.max_tensor_elements} per tensor (max_tensor_elements)"
+            )
+        if model.batched and shape and shape[0] > self.max_request_batch_size:
+            raise BadRequestError(
+                f"{where}: a batch of {shape[0]} rows; this server takes at most "
+                f"{self.max_request_batch_size} per request (max_request_batch_size)"
+            )
 
 
 @dataclass(frozen=True)
@@ -65,9 +89,19 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     return body[:length], memoryview(body)[length:]
 
 
-def load_json_object(text: bytes, what: str) -> dict[str, Any]:
+def _loads(text: bytes | memoryview) -> Any:
+    """orjson (five times the standard library's speed on a large tensor); what it refuses but
+    Python's json takes (NaN, Infinity, integers past 64 bits) goes to the standard library, so
+    only malformed JSON fails, with the standard library's message."""
     try:
-        value = json.loads(text)
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(text))
+
+
+def load_json_object(text: bytes | memoryview, what: str) -> dict[str, Any]:
+    try:
+        value = _loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadRequestError(f"malformed JSON in the {what}: {exc}") from None
     if not isinstance(value, dict):
@@ -77,7 +111,7 @@ def load_json_object(text: bytes, what: str) -> dict[str, Any]:
 
 def load_json_array(text: bytes) -> list[Any]:
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadRequestError(f"malformed JSON: {exc}") from None
     if not isinstance(value, list):
@@ -102,7 +136,7 @@ def _flag(where: str, params: dict[str, Any], key: str, default: bool) -> bool:
 
 
 def parse_infer_request(
-    body: bytes, header_length: str | None, model: ModelVersion
+    body: bytes, header_length: str | None, model: ModelVersion, limits: Limits = Limits()
 ) -> InferRequest:
     """Validate a whole request against `model`; `BadRequestError` names the first problem."""
     head, binary = split_body(body, header_length)
@@ -112,18 +146,20 @@ def parse_infer_request(
         raise BadRequestError("'id' must be a string")
     params = _parameters("request", request)
     binary_output = _flag("request", params, "binary_data_output", False)
-    feeds = _inputs(request.get("inputs"), binary, model)
+    feeds = _inputs(request.get("inputs"), binary, model, limits)
     outputs = _outputs(request.get("outputs"), binary_output, model)
     return InferRequest(request_id, feeds, outputs, _batch_size(feeds, model))
 
 
-def _inputs(raw: Any, binary: memoryview, model: ModelVersion) -> dict[str, np.ndarray]:
+def _inputs(
+    raw: Any, binary: memoryview, model: ModelVersion, limits: Limits
+) -> dict[str, np.ndarray]:
     if not isinstance(raw, list) or not raw:
         raise BadRequestError("'inputs' must be a non-empty list of input tensors")
     feeds: dict[str, np.ndarray] = {}
     offset = 0
     for item in raw:
-        array, used = _input(item, binary, offset, model, feeds)
+        array, used = _input(item, binary, offset, model, feeds, limits)
         feeds[_name(item)] = array
         offset += used
     if offset != len(binary):
@@ -146,7 +182,12 @@ def _name(item: Any) -> str:
 
 
 def _input(
-    item: Any, binary: memoryview, offset: int, model: ModelVersion, seen: dict[str, np.ndarray]
+    item: Any,
+    binary: memoryview,
+    offset: int,
+    model: ModelVersion,
+    seen: dict[str, np.ndarray],
+    limits: Limits,
 ) -> tuple[np.ndarray, int]:
     """(array, binary bytes consumed) for one `$request_input`."""
     name = _name(item)
@@ -164,6 +205,7 @@ def _input(
     if "binary_data_size" not in params:
         if "data" not in item:
             raise BadRequestError(f"{where}: give 'data', or 'binary_data_size' with binary data")
+        limits.check(where, shape, model)
         return tensors.from_json(where, datatype, shape, item["data"]), 0
     if "data" in item:
         raise BadRequestError(f"{where}: give either 'data' or 'binary_data_size', not both")
@@ -181,6 +223,7 @@ def _input(
             f"{where}: binary_data_size {size} runs past the end of the body "
             f"({len(binary) - offset} bytes left)"
         )
+    limits.check(where, shape, model)
     return tensors.from_binary(where, datatype, shape, binary[offset : offset + size]), size
 
 
@@ -268,17 +311,35 @@ def encode_response(
             entry["parameters"] = {"binary_data_size": len(chunk)}
             chunks.append(chunk)
         else:
-            entry["data"] = tensors.to_json_data(array)
+            entry["data"] = tensors.json_ready(array)
         outputs.append(entry)
     response: dict[str, Any] = {"model_name": model.name, "model_version": str(model.version)}
     if request.id is not None:
         response["id"] = request.id
     response["outputs"] = outputs
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = _dumps(response)
     if not chunks:
         return head, {"Content-Type": "application/json"}
     headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
     return b"".join([head, *chunks]), headers
+
+
+def _dumps(response: dict[str, Any]) -> bytes:
+    """orjson writes numpy arrays without building Python lists; NaN and infinities, which it
+    would silently turn into null (it raises nothing), go to the standard library's NaN and
+    Infinity instead. `json_ready` leaves only such outputs (and strings) as lists."""
+    if not any(_non_finite(entry.get("data")) for entry in response["outputs"]):
+        return orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
+    for entry in response["outputs"]:
+        if isinstance(entry.get("data"), np.ndarray):
+            entry["data"] = entry["data"].tolist()
+    return json.dumps(response, separators=(",", ":")).encode()
+
+
+def _non_finite(data: Any) -> bool:
+    return isinstance(data, list) and any(
+        isinstance(v, float) and not math.isfinite(v) for v in data
+    )
 
 
 def _labels(model: ModelVersion, output: str) -> tuple[str, ...] | None:

@@ -9,9 +9,9 @@ inside the repository; a version is a positive integer. Each model may carry
       "version_policy": {"latest": {"num_versions": 1}}      # default
                       | {"all": {}}
                       | {"specific": {"versions": [1, 3]}},
-      "max_batch_size": 64,            # batcher knobs (issue 6); default: the settings'
-      "max_queue_delay_us": 500,
-      "dynamic_batching": true,
+      "max_batch_size": 64,            # dynamic batcher (service/batching.py); default: the
+      "max_queue_delay_us": 500,       # settings'. false turns batching off for this model;
+      "dynamic_batching": true,        # a model without a dynamic batch dim never batches
       "preprocessing": {               # overrides of the model's foldserve input metadata
         "mean": [0.5], "std": [0.25], "value_range": [0, 1],
         "color_mode": "L", "resize": "bilinear", "ink": "high"
@@ -22,6 +22,7 @@ inside the repository; a version is a positive integer. Each model may carry
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from service.errors import BadRequestError, describe_validation
+
+logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
@@ -137,18 +140,35 @@ def model_folder(root: Path, name: str) -> Path:
     return folder
 
 
+def _inside(root: Path, path: Path) -> bool:
+    """Whether `path`, symlinks followed, lies within the repository; logged when it does not."""
+    if path.resolve().is_relative_to(root.resolve()):
+        return True
+    logger.warning("ignoring %s: it resolves outside the repository", path)
+    return False
+
+
 def scan(root: Path) -> list[str]:
-    """Model names in the repository: folders with a valid name, sorted."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_PATTERN.fullmatch(p.name))
+    """Model names in the repository: folders with a valid name that stay inside it, sorted."""
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and NAME_PATTERN.fullmatch(p.name) and _inside(root, p)
+    )
 
 
 def versions_on_disk(root: Path, name: str) -> list[int]:
-    """Published versions, ascending: positive integer folders holding model.onnx."""
+    """Published versions, ascending: positive integer folders holding model.onnx, neither of
+    them a symlink out of the repository."""
     folder = model_folder(root, name)
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and p.name.isascii() and p.name.isdigit()]
-    return sorted(int(p.name) for p in found if int(p.name) > 0 and (p / MODEL_FILE).is_file())
+    return sorted(
+        int(p.name)
+        for p in found
+        if int(p.name) > 0 and (p / MODEL_FILE).is_file() and _inside(root, p / MODEL_FILE)
+    )
 
 
 def model_file(root: Path, name: str, version: int) -> Path:

@@ -10,6 +10,7 @@ event loop or in a worker thread.
 
 from __future__ import annotations
 
+import functools
 import logging
 import statistics
 import time
@@ -23,6 +24,7 @@ import onnxruntime as ort
 
 from foldserve.model_metadata import PREFIX, MetadataError, ModelMetadata
 from service import datatypes
+from service.batching import Batcher, BatchPolicy
 from service.datatypes import Datatype
 from service.onnx_scan import WireError, check_inference_mode
 from service.settings import Settings, SettingsError
@@ -49,6 +51,9 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     warmup_runs: int = 3
     inline_max_us: float = 200.0
+    max_batch_size: int = 0
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
@@ -59,6 +64,27 @@ class RuntimeOptions:
             inter_op_threads=settings.inter_op_threads,
             warmup_runs=settings.warmup_runs,
             inline_max_us=settings.inline_max_us,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_us=settings.max_queue_delay_us,
+            max_queue_size=settings.max_queue_size,
+        )
+
+    def batch_policy(
+        self,
+        batched_model: bool,
+        max_batch_size: int | None = None,
+        max_queue_delay_us: int | None = None,
+        dynamic_batching: bool | None = None,
+    ) -> BatchPolicy:
+        """The batcher's policy for one model: its config.json's knobs over the settings'."""
+        return BatchPolicy.resolve(
+            batched_model,
+            max_batch_size=self.max_batch_size if max_batch_size is None else max_batch_size,
+            max_queue_delay_us=(
+                self.max_queue_delay_us if max_queue_delay_us is None else max_queue_delay_us
+            ),
+            max_queue_size=self.max_queue_size,
+            dynamic_batching=dynamic_batching,
         )
 
     def provider_list(self) -> list[tuple[str, dict[str, Any]]]:
@@ -106,9 +132,14 @@ class RunTimings:
     output_ns: int
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelVersion:
-    """A loaded, warmed-up version. Immutable once built; dropped when no request holds it."""
+    """A loaded, warmed-up version; dropped when no request holds it.
+
+    The session and specs never change once built. `batching` is set by the manager from the
+    model's configuration (a reload may change it); `batcher` is the executor's, made on first
+    use, and lives and dies with the version.
+    """
 
     name: str
     version: int
@@ -121,6 +152,8 @@ class ModelVersion:
     warmup_us: float = 0.0
     inline_max_us: float = 0.0
     loaded_at: float = field(default_factory=time.time)
+    batching: BatchPolicy = field(default_factory=BatchPolicy)
+    batcher: Batcher | None = field(default=None, repr=False)
 
     @property
     def providers(self) -> list[str]:
@@ -136,9 +169,18 @@ class ModelVersion:
         specs = self.inputs + self.outputs
         return all(len(s.shape) > 0 and s.shape[0] == -1 for s in specs)
 
+    @functools.cached_property
+    def has_strings(self) -> bool:
+        """String tensors, which IOBinding cannot bind: such a model runs through `run`."""
+        return any(s.datatype is datatypes.BYTES for s in self.inputs + self.outputs)
+
     @property
     def inline(self) -> bool:
         return self.warmup_us <= self.inline_max_us
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
 
     def input(self, name: str) -> TensorSpec | None:
         return next((s for s in self.inputs if s.name == name), None)
@@ -151,7 +193,7 @@ class ModelVersion:
     ) -> tuple[dict[str, np.ndarray], RunTimings]:
         """Run through IOBinding; string tensors, which IOBinding cannot bind, use `run`."""
         t0 = time.perf_counter_ns()
-        if any(s.datatype is datatypes.BYTES for s in self.inputs + self.outputs):
+        if self.has_strings:
             t1 = time.perf_counter_ns()
             values = self.session.run(list(output_names), feeds)
             t2 = t3 = time.perf_counter_ns()

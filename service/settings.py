@@ -64,6 +64,32 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="largest request body accepted; larger ones get 413"
     )
+    max_decompressed_bytes: int = Field(
+        64 * MiB,
+        gt=0,
+        description="largest body once inflated, for a request sent with Content-Encoding "
+        "gzip or deflate; inflation stops there and the request gets 413",
+    )
+    # Each limit below is checked on what a request declares (a shape, an image header) before
+    # anything of that size is allocated; the body limit bounds what is actually sent.
+    max_tensor_elements: int = Field(
+        1 << 26,
+        gt=0,
+        description="most elements one input tensor of an infer request may declare; a larger "
+        "shape gets 400 before its data is converted",
+    )
+    max_request_batch_size: int = Field(
+        8192,
+        gt=0,
+        description="most rows (first dimension) one infer or classify request may carry, for "
+        "a model with a batch dimension; more get 400",
+    )
+    max_image_pixels: int = Field(
+        40_000_000,
+        gt=0,
+        description="largest image classify decodes, in pixels (width x height), read from "
+        "its header before a pixel is decoded (decompression bombs); larger ones get 400",
+    )
     api_token: SecretStr | None = Field(
         None,
         description="if set, infer, classify, repository control and stats require "
@@ -71,6 +97,19 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", min_length=1, description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes sharing the port; /metrics adds up all of them "
+        "(repository load/unload reaches only the process that answers it)",
+    )
+    shutdown_grace_s: float = Field(
+        5.0,
+        ge=0,
+        description="seconds after SIGTERM during which the server still accepts connections, "
+        "answers readiness with 'not ready' and new inference with 503, so load balancers "
+        "take it out; in-flight requests then finish before it exits 0",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the service and uvicorn"
     )
@@ -88,16 +127,22 @@ class Settings(BaseSettings):
         description="run inference on the event loop, not a worker thread, when the warm-up "
         "measured a call at most this long (the thread handoff costs more than a tiny model)",
     )
-    # The dynamic batcher's knobs (issue 6). Reported in each model's config today; the
-    # batcher will read them, and config.json may override them per model.
+    # The dynamic batcher's knobs (service/batching.py); a model's config.json may override
+    # max_batch_size and max_queue_delay_us, or turn batching off ("dynamic_batching": false).
     max_batch_size: int = Field(
-        64, ge=0, description="largest batch the dynamic batcher forms (0: no batching)"
+        64,
+        ge=0,
+        description="largest batch the dynamic batcher forms, in rows (0 or 1: no batching); "
+        "a larger request runs on its own",
     )
     max_queue_delay_us: int = Field(
-        500, ge=0, description="longest a request waits in the batcher for companions"
+        500,
+        ge=0,
+        description="longest a batch waits for companions, and only while more requests are "
+        "being received: a lone request never waits",
     )
     max_queue_size: int = Field(
-        1024, ge=1, description="requests queued per model before new ones get 503"
+        1024, ge=1, description="requests queued per model version before new ones get 503"
     )
 
     _split = field_validator("models", "providers", mode="before")(_split_commas)

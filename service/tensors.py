@@ -55,7 +55,10 @@ def from_json(where: str, datatype: Datatype, shape: tuple[int, ...], data: Any)
         array = _exact_integers(where, datatype, data)
     _check_kind(where, datatype, array)
     try:
-        return array.astype(datatype.dtype).reshape(shape)
+        # A float beyond the datatype's range becomes an infinity, as IEEE-754 rounds it (the
+        # NaN/Inf policy: computed, not refused); numpy's warning about it is noise in the log.
+        with np.errstate(over="ignore"):
+            return array.astype(datatype.dtype).reshape(shape)
     except (ValueError, OverflowError, TypeError):
         raise BadRequestError(f"{where}: 'data' does not convert to {datatype.name}") from None
 
@@ -149,6 +152,19 @@ def to_json_data(array: np.ndarray) -> list[Any]:
     if flat.dtype.kind in "OSU":
         return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in flat]
     return flat.tolist()
+
+
+def json_ready(array: np.ndarray) -> np.ndarray | list[Any]:
+    """What `orjson` (OPT_SERIALIZE_NUMPY) writes as the flat JSON data without a Python list:
+    a contiguous numeric array of finite values; anything else as `to_json_data`'s list."""
+    flat = np.ascontiguousarray(array).ravel()
+    if not flat.dtype.isnative:
+        return to_json_data(array)
+    if flat.dtype.kind in "biu" or (
+        flat.dtype.kind == "f" and flat.dtype.itemsize >= 2 and bool(np.isfinite(flat).all())
+    ):
+        return flat
+    return to_json_data(array)
 
 
 def to_binary(array: np.ndarray) -> bytes:
