@@ -21,8 +21,9 @@ from service.errors import install_handlers
 from service.inference import Executor
 from service.manager import ModelManager
 from service.metrics import Metrics
-from service.middleware import AccessLogMiddleware, BodyLimitMiddleware
-from service.routes import health, inference, models, pages, repository
+from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, DecompressMiddleware
+from service.protocol import Limits
+from service.routes import health, inference, models, pages, repository, ui
 from service.runtime import RuntimeOptions
 from service.schemas import REQUEST_MODELS
 from service.settings import Settings
@@ -42,7 +43,9 @@ def build_services(settings: Settings) -> Services:
     stats = StatsBook()
     metrics = Metrics(stats)
     manager = ModelManager(settings.repository, options, settings.models)
-    return Services(settings, options, manager, Executor(stats, metrics), stats, metrics)
+    limits = Limits(settings.max_tensor_elements, settings.max_request_batch_size)
+    executor = Executor(stats, metrics)
+    return Services(settings, options, manager, executor, stats, metrics, limits)
 
 
 @asynccontextmanager
@@ -71,10 +74,13 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.services = build_services(settings)
-    for module in (health, models, inference, repository, pages):
+    for module in (health, models, inference, repository, pages, ui):
         app.include_router(module.router)
     pages.mount_docs_assets(app)
+    inference.mount_hot_path(app)
+    ui.mount_static(app)
     install_handlers(app)
+    app.add_middleware(DecompressMiddleware, max_bytes=settings.max_decompressed_bytes)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(
         AccessLogMiddleware,
@@ -97,5 +103,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
+        inference.document(schema)  # the infer hot path is a plain Starlette route
         app.openapi_schema = schema
     return app.openapi_schema
