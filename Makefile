@@ -8,12 +8,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/digits
 
-.PHONY: run test lint format bench why-bn clean
+.PHONY: run test system-tools lint format bench why-bn clean image-test
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,serve,cpu,dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[train,serve,cpu,dev,deploy]'
 	touch $(STAMP)
 
 ## run: the main job: train, fold, export and verify the digits model unless models/ has it
@@ -21,8 +21,21 @@ run: $(STAMP)
 	$(BIN)/foldserve run --repository models --name digits --out $(RUN_DIR)
 
 ## test: the whole test suite (what CI runs)
-test: $(STAMP)
+test: $(STAMP) system-tools
 	$(BIN)/python -m pytest
+
+# Debian packages some tests drive: Chromium for the model pages, docker-compose to validate
+# the compose files. Installed when this runs as
+# root with apt (a fresh CI machine); elsewhere those tests skip and say why.
+SYSTEM_PACKAGES := chromium docker-compose
+system-tools:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing$$missing (Debian packages for the tests)"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else echo "not installed:$$missing; the tests that need them will skip"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -37,6 +50,10 @@ bench: $(STAMP)
 
 why-bn: $(STAMP)
 	$(BIN)/foldserve why-bn --out runs/why_bn
+
+## image-test: build the cpu, gpu and train images with buildah and run them (root; minutes the first time)
+image-test: $(STAMP)
+	scripts/image-test.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
