@@ -1,8 +1,5 @@
-"""Inference: the v2 `infer` endpoint (JSON and binary tensors), and `classify` for people.
-
-`infer` reads the raw body itself: it may be JSON followed by binary tensors, with no
-Content-Type at all (the official client sends none), so FastAPI's body parsing stays out and
-the OpenAPI schema is declared explicitly instead.
+"""Inference: `classify` for people, and the v2 `infer` endpoint's hot path (`routes/infer.py`),
+which the app mounts through `mount_hot_path` and documents through `document`.
 """
 
 from __future__ import annotations
@@ -11,7 +8,6 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException
 
@@ -20,24 +16,14 @@ from service import protocol
 from service.deps import Authorized, ServicesDep
 from service.errors import BadRequestError
 from service.preprocess import array_to_input, effective_spec, image_to_input, probabilities
-from service.protocol import HEADER_LENGTH
+from service.routes.infer import document, mount_hot_path
 from service.routes.models import AUTH_ERRORS
-from service.schemas import ClassifyResponse, InferenceResponse, Prediction
+from service.schemas import ClassifyResponse, Prediction
+
+__all__ = ["document", "mount_hot_path", "router"]
 
 router = APIRouter(tags=["inference"])
 
-INFER_BODY: dict[str, Any] = {
-    "requestBody": {
-        "required": True,
-        "description": "An $inference_request JSON object. With the binary tensor data "
-        "extension, the JSON is followed by the inputs' bytes and the "
-        f"{HEADER_LENGTH} header gives the JSON's length; Content-Type may be absent.",
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
 CLASSIFY_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
@@ -62,40 +48,6 @@ CLASSIFY_BODY: dict[str, Any] = {
         },
     }
 }
-
-
-@router.post(
-    "/v2/models/{name}/infer",
-    response_model=InferenceResponse,
-    responses=AUTH_ERRORS,
-    dependencies=Authorized,
-    openapi_extra=INFER_BODY,
-    summary="Inference",
-    operation_id="infer",
-)
-@router.post(
-    "/v2/models/{name}/versions/{version}/infer",
-    response_model=InferenceResponse,
-    responses=AUTH_ERRORS,
-    dependencies=Authorized,
-    openapi_extra=INFER_BODY,
-    summary="Inference on a version",
-    operation_id="infer_version",
-)
-async def infer(
-    request: Request, services: ServicesDep, name: str, version: str | None = None
-) -> Response:
-    model = services.manager.resolve(name, version)
-    body = await request.body()
-    executor = services.executor
-    with executor.track(model) as tracking:
-        parsed = protocol.parse_infer_request(body, request.headers.get(HEADER_LENGTH), model)
-        results = await executor.run(
-            model, parsed.feeds, parsed.output_names, parsed.batch_size, tracking
-        )
-        content, headers = protocol.encode_response(model, parsed, results)
-    media_type = headers.pop("Content-Type")
-    return Response(content, media_type=media_type, headers=headers)
 
 
 @router.post(
@@ -149,13 +101,16 @@ async def classify(
 
 
 async def _classify_input(request: Request, spec: InputSpec) -> np.ndarray:
+    settings = request.app.state.services.settings
+    pixels = settings.max_image_pixels
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        return image_to_input(await _upload(request), spec)
+        return image_to_input(await _upload(request), spec, pixels)
     body = await request.body()
     if content_type == "application/json":
-        return array_to_input(protocol.load_json_array(body), spec)
-    return image_to_input(body, spec)
+        values = protocol.load_json_array(body)
+        return array_to_input(values, spec, settings.max_request_batch_size)
+    return image_to_input(body, spec, pixels)
 
 
 async def _upload(request: Request) -> bytes:
