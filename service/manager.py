@@ -59,7 +59,7 @@ class ModelManager:
         for name in names:
             try:
                 await self.load(name)
-            except (LoadFailedError, NotFoundError, ModelNotReadyError) as exc:
+            except ServiceError as exc:  # a bad name too (one leading out of the repository)
                 logger.error("model %s: %s", name, exc.message)
         self.started = True
         # What start-up built (framework, routes, sessions) lives as long as the process: take

@@ -1,10 +1,12 @@
-"""Two pure-ASGI middlewares: the body size limit, and the access log with request ids.
+"""Pure-ASGI middlewares: the body size limit, compressed bodies, and the access log.
 
 The limit works below FastAPI so it covers every body, multipart uploads included: a declared
 Content-Length over the limit is refused before a byte is read, and a chunked body is counted
 as it streams and cut off with 413 the moment it passes the limit. The access log wraps
 everything, so it sees those 413s too; it also is the last line of defence: an exception nobody
-mapped is logged once, with its traceback, and answered 500 without one.
+mapped is logged once, with its traceback, and answered 500 without one. Between the limit and
+the app, a body sent with `Content-Encoding: gzip` or `deflate` is inflated in bounded steps,
+refused with 413 the moment it passes its own limit (a zip bomb never inflates whole).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+import zlib
 from http import HTTPStatus
 from typing import Any
 
@@ -75,6 +78,79 @@ class BodyLimitMiddleware:
 
         with contextlib.suppress(BodyTooLargeError):
             await self.app(scope, limited_receive, guarded_send)
+
+
+# zlib's window bits per Content-Encoding: gzip framing, or zlib framing for "deflate" (RFC 9110)
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class _ClientGoneError(Exception):
+    """The client left while its compressed body was being read: nobody to answer."""
+
+
+class DecompressMiddleware:
+    """Inflates a gzip or deflate request body before the app sees it, up to `max_bytes`."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        encoding = _header(scope, b"content-encoding") if scope["type"] == "http" else None
+        if encoding is None or encoding.strip().lower() in ("", "identity"):
+            await self.app(scope, receive, send)
+            return
+        wbits = _WBITS.get(encoding.strip().lower())
+        if wbits is None:
+            message = f"Content-Encoding {encoding[:40]!r} is not supported (gzip, deflate)"
+            await _send_json(send, HTTPStatus.UNSUPPORTED_MEDIA_TYPE, {"error": message})
+            return
+        try:
+            body = await self._inflate(receive, zlib.decompressobj(wbits))
+        except _ClientGoneError:
+            return
+        except zlib.error as exc:
+            message = f"the body is not valid {encoding.strip().lower()} data: {exc}"
+            await _send_json(send, HTTPStatus.BAD_REQUEST, {"error": message})
+            return
+        if body is None:
+            message = f"decompressed body larger than the limit of {self.max_bytes} bytes"
+            await _send_json(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": message})
+            return
+        headers = [
+            (k, v) for k, v in scope["headers"] if k not in (b"content-encoding", b"content-length")
+        ]
+        headers.append((b"content-length", str(len(body)).encode()))
+        delivered = False
+
+        async def inflated_receive() -> Message:
+            nonlocal delivered
+            if delivered:
+                return await receive()  # after the body: only a disconnect comes
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app({**scope, "headers": headers}, inflated_receive, send)
+
+    async def _inflate(self, receive: Receive, inflater: zlib._Decompress) -> bytes | None:
+        """The whole inflated body, or None once it passes the limit (inflating no further)."""
+        out = bytearray()
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGoneError
+            more = message.get("more_body", False)
+            pending = message.get("body", b"")
+            while pending:
+                out += inflater.decompress(pending, self.max_bytes + 1 - len(out))
+                if len(out) > self.max_bytes:
+                    return None
+                pending = inflater.unconsumed_tail
+        out += inflater.flush()
+        if not inflater.eof:
+            raise zlib.error("the compressed stream is truncated")
+        return bytes(out) if len(out) <= self.max_bytes else None
 
 
 class AccessLogMiddleware:

@@ -20,7 +20,7 @@ from foldserve.model_metadata import InputSpec
 from service.errors import BadRequestError, UnsupportedMediaTypeError
 from service.repository import Preprocessing
 
-MAX_PIXELS = 40_000_000  # refuse decompression bombs before decoding them
+MAX_PIXELS = 40_000_000  # the default of Settings.max_image_pixels: refuse decompression bombs
 IMAGE_FORMATS = ("PNG", "JPEG")
 
 
@@ -46,11 +46,12 @@ def normalise(raw: np.ndarray, spec: InputSpec) -> np.ndarray:
     return ((raw.astype(np.float64) - mean) / std).astype(np.float32)
 
 
-def image_to_input(data: bytes, spec: InputSpec) -> np.ndarray:
-    """A PNG or JPEG, as a batch of one input tensor."""
+def image_to_input(data: bytes, spec: InputSpec, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A PNG or JPEG, as a batch of one input tensor; refused on its header when it declares
+    more than `max_pixels`, before a pixel is decoded."""
     if spec.layout != "NCHW" or len(spec.shape) != 3:
         raise BadRequestError("this model takes a feature vector, not an image: send a JSON array")
-    image = _open(data)
+    image = _open(data, max_pixels)
     mode = spec.color_mode or ("RGB" if _channels(spec) == 3 else "L")
     channels, height, width = spec.shape
     if (mode == "RGB") != (channels == 3):
@@ -66,15 +67,18 @@ def image_to_input(data: bytes, spec: InputSpec) -> np.ndarray:
     return normalise(raw[None], spec)
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise BadRequestError("empty request body: send a PNG or JPEG image, or a JSON array")
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in IMAGE_FORMATS:
             raise UnsupportedMediaTypeError(f"images must be PNG or JPEG, not {image.format}")
-        if image.width * image.height > MAX_PIXELS:
-            raise BadRequestError(f"image of {image.width}x{image.height} pixels is too large")
+        if image.width * image.height > max_pixels:
+            raise BadRequestError(
+                f"image of {image.width}x{image.height} pixels is too large (at most "
+                f"{max_pixels} pixels: max_image_pixels)"
+            )
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise UnsupportedMediaTypeError(
@@ -83,8 +87,8 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def array_to_input(values: Any, spec: InputSpec) -> np.ndarray:
-    """Raw values in value_range, shaped like one input or a batch of them."""
+def array_to_input(values: Any, spec: InputSpec, max_batch: int | None = None) -> np.ndarray:
+    """Raw values in value_range, shaped like one input or a batch of at most `max_batch`."""
     try:
         raw = np.asarray(values, dtype=np.float64)
     except (ValueError, TypeError):
@@ -96,6 +100,11 @@ def array_to_input(values: Any, spec: InputSpec) -> np.ndarray:
         raise BadRequestError(
             f"the JSON array has shape {list(raw.shape)}; the model takes {list(shape)} or a "
             f"batch of them [n, {', '.join(map(str, shape))}]"
+        )
+    if max_batch is not None and raw.shape[0] > max_batch:
+        raise BadRequestError(
+            f"a batch of {raw.shape[0]} inputs; this server takes at most {max_batch} per "
+            "request (max_request_batch_size)"
         )
     if not np.isfinite(raw).all():
         raise BadRequestError("the JSON array holds non-finite values")
