@@ -84,17 +84,10 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
+        response = take_response(self.buffer)
+        if response is None:
             return
-        head = bytes(self.buffer[: end + 2]).lower()
-        start = head.find(b"\r\ncontent-length:")  # not inference-header-content-length
-        length = int(head[start + 17 : head.find(b"\r\n", start + 2)]) if start >= 0 else 0
-        if len(self.buffer) < end + 4 + length:
-            return
-        status = int(head[9:12])
-        del self.buffer[: end + 4 + length]
-        self.tally.record(status, time.perf_counter_ns() - self.sent_ns)
+        self.tally.record(response[0], time.perf_counter_ns() - self.sent_ns)
         self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -104,6 +97,24 @@ class Connection(asyncio.Protocol):
             self.tally.errors += 1
         if not self.finished.done():
             self.finished.set_result(None)
+
+
+def take_response(buffer: bytearray) -> tuple[int, bytes] | None:
+    """Remove the first whole HTTP/1.1 response from `buffer`: (status, lower-cased head).
+
+    None while it is incomplete. Parsed by hand: this runs once per request on the load
+    generator's own core, where an HTTP library would cost more than the server it measures.
+    """
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = bytes(buffer[: end + 2]).lower()
+    start = head.find(b"\r\ncontent-length:")  # not inference-header-content-length
+    length = int(head[start + 17 : head.find(b"\r\n", start + 2)]) if start >= 0 else 0
+    if len(buffer) < end + 4 + length:
+        return None
+    del buffer[: end + 4 + length]
+    return int(head[9:12]), head
 
 
 def build_request(host: str, port: int, path: str, body: bytes, headers: list[str]) -> bytes:

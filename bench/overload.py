@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loadgen import take_response  # bench/ is this script's folder, first on sys.path
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DIGITS = REPO_ROOT / "models" / "digits" / "1" / "model.onnx"
 BODY = json.dumps(
@@ -97,16 +99,11 @@ class Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
+        response = take_response(self.buffer)
+        if response is None:
             return
-        head = bytes(self.buffer[: end + 2]).lower()
-        start = head.find(b"\r\ncontent-length:")
-        length = int(head[start + 17 : head.find(b"\r\n", start + 2)]) if start >= 0 else 0
-        if len(self.buffer) < end + 4 + length:
-            return
-        del self.buffer[: end + 4 + length]
-        self.phase.record(int(head[9:12]), (time.perf_counter() - self.sent) * 1e3, head)
+        status, head = response
+        self.phase.record(status, (time.perf_counter() - self.sent) * 1e3, head)
         self._send()
 
     def connection_lost(self, exc: Exception | None) -> None:
