@@ -40,26 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.ao.quantization import fuse_modules
 from torch.fx.experimental.optimization import fuse as fx_fuse
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from training.bn_stats import randomize_bn_statistics
 from training.fold import fold_model
 from training.models import MODELS
 
 # --------------------------------------------------------------------------- models
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and m.running_mean is not None:
-            c = m.num_features
-            with torch.no_grad():
-                m.running_mean.copy_(torch.randn(c, generator=g))
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                if m.affine:
-                    m.weight.copy_(torch.randn(c, generator=g))
-                    m.bias.copy_(torch.randn(c, generator=g))
-    return model.eval()
 
 
 class Functional(nn.Module):
@@ -156,7 +142,7 @@ def registry_cases() -> list[Case]:
         def build(spec: object = spec, config: dict = config) -> nn.Module:
             return spec.make(**config)  # type: ignore[attr-defined]
 
-        model = randomise(build())
+        model = randomize_bn_statistics(build()).eval()
         _, report = fold_model(model, verify=False)
         pairs = [[p.layers[0], p.bn] for p in report.folded if p.direction == "bn-after"]
         cases.append(Case(f"registry: {name}", build, tuple(model.input_shape), pairs))
@@ -217,7 +203,7 @@ def coverage_table() -> list[str]:
     header = f"| pattern | BNs | {' | '.join(tools)} |"
     lines = [header, "|" + "---|" * (len(tools) + 2)]
     for case in [*CASES, *registry_cases()]:
-        model = randomise(case.build())
+        model = randomize_bn_statistics(case.build()).eval()
         x = torch.randn(2, *case.input_shape) * 2 + 1
         cells = [tool(case, model, x) for tool in tools.values()]
         lines.append(f"| {case.name} | {bn_count(model, x)} | {' | '.join(cells)} |")
@@ -243,7 +229,7 @@ def latency_table(image_size: int, repeats: int) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for name in ("resnet18", "mobilenet"):
-        model = randomise(MODELS[name].make(image_size=image_size))
+        model = randomize_bn_statistics(MODELS[name].make(image_size=image_size)).eval()
         folded, _ = fold_model(model)
         for batch in (1, 32):
             x = torch.randn(batch, *model.input_shape)

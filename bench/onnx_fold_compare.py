@@ -36,6 +36,7 @@ import onnxruntime as ort
 import torch
 
 from training import models
+from training.bn_stats import randomize_bn_statistics
 from training.export import batchnorm_nodes, export_onnx
 from training.onnx_fold import fold_onnx, verify_onnx_fold
 
@@ -49,22 +50,10 @@ BENCH_CONFIGS = {
 }
 
 
-def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model
-
-
 def registry_cases() -> dict[str, tuple[onnx.ModelProto, tuple[int, ...]]]:
     cases = {}
     for name, options in BENCH_CONFIGS.items():
-        model = randomize_bn(models.build_model(name, options)).eval()
+        model = randomize_bn_statistics(models.build_model(name, options)).eval()
         proto = export_onnx(model, torch.randn(2, *model.input_shape), keep_batchnorm=True)
         cases[f"registry/{name}"] = (proto, tuple(model.input_shape))
     return cases

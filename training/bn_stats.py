@@ -67,3 +67,23 @@ def recalibrate_bn(
     finally:
         model.train(was_training)
     return seen
+
+
+@torch.no_grad()
+def randomize_bn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN its own per-channel statistics and affine parameters, reproducibly.
+
+    A freshly built BN is an identity map (mean 0, variance 1, gamma 1, beta 0), which hides
+    per-channel and per-group layout mistakes in a fold; tests and benchmarks randomise first.
+    The model's mode is left as it was.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for _, bn in batchnorms(model):
+        n = bn.num_features
+        if bn.running_mean is not None:
+            bn.running_mean.copy_(torch.randn(n, generator=generator))
+            bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(n, generator=generator))
+            bn.bias.copy_(torch.randn(n, generator=generator))
+    return model

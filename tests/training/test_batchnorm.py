@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tests.training.test_models import randomize_bn
 from training import models
 from training.batchnorm import (
     BatchNormInference,
@@ -21,6 +20,7 @@ from training.batchnorm import (
     batch_norm,
     use_batchnorm_impl,
 )
+from training.bn_stats import randomize_bn_statistics
 from training.errors import ConfigError
 from training.export import batchnorm_nodes, export_onnx
 from training.fold import fold_model
@@ -205,7 +205,7 @@ def test_a_model_trains_identically_with_either_batchnorm():
 
 
 def test_a_reference_model_folds_and_exports_like_any_other():
-    model = randomize_bn(reference_cnn(widths=(8, 16))).eval()
+    model = randomize_bn_statistics(reference_cnn(widths=(8, 16))).eval()
     folded, report = fold_model(model)
     assert len(report.folded) == 4 and not report.skipped
     x = torch.randn(5, 1, 8, 8)

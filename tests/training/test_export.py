@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from foldserve.model_metadata import ModelMetadata
-from tests.training.test_models import SMALL, randomize_bn
+from tests.training.test_models import SMALL
 from training import models, repository
+from training.bn_stats import randomize_bn_statistics
 from training.errors import ExportError, ExportVerificationError
 from training.export import (
     batchnorm_nodes,
@@ -48,7 +49,7 @@ def run_onnx(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_every_registry_model_exports_folded_and_matches_the_unfolded_model(name):
     torch.manual_seed(0)
-    model = randomize_bn(models.build_model(name, SMALL[name])).eval()
+    model = randomize_bn_statistics(models.build_model(name, SMALL[name])).eval()
     folded, report = fold_model(model)
     proto = export_onnx(folded, torch.randn(2, *model.input_shape))
     onnx.checker.check_model(proto, full_check=True)
@@ -64,14 +65,14 @@ def test_every_registry_model_exports_folded_and_matches_the_unfolded_model(name
 
 def test_unfolded_reference_keeps_its_batchnorms_and_the_default_export_does_not():
     """The exporter folds Conv→BN by itself; a fair 'unfolded' file must be made on purpose."""
-    model = randomize_bn(models.build_model("digits_cnn")).eval()
+    model = randomize_bn_statistics(models.build_model("digits_cnn")).eval()
     x = torch.randn(2, 1, 8, 8)
     assert len(batchnorm_nodes(export_onnx(model, x, keep_batchnorm=True))) == 4
     assert batchnorm_nodes(export_onnx(model, x)) == []
 
 
 def test_export_always_uses_eval_mode():
-    model = randomize_bn(models.build_model("digits_cnn")).train()
+    model = randomize_bn_statistics(models.build_model("digits_cnn")).train()
     proto = export_onnx(model, torch.randn(2, 1, 8, 8), keep_batchnorm=True)
     assert not model.training
     for node in batchnorm_nodes(proto):

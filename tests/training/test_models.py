@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from training import models
+from training.bn_stats import randomize_bn_statistics
 from training.errors import ConfigError, UnknownModelError
 
 # Small configurations keep ResNet-18 and MobileNet fast; the defaults are checked separately.
@@ -18,19 +19,6 @@ SMALL = {
     "mobilenet": {"image_size": 32, "stem_width": 8, "blocks": ((16, 1), (24, 2), (32, 2))},
     "preact": {},
 }
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Fresh BNs have identity statistics, which hide mistakes; give each channel its own."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.randn(n, generator=g))
-            m.bias.data.copy_(torch.randn(n, generator=g))
-    return model
 
 
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -65,7 +53,7 @@ def test_bn_count_matches_design(name):
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_eval_output_of_a_row_does_not_depend_on_its_batch(name):
     torch.manual_seed(0)
-    model = randomize_bn(models.build_model(name, SMALL[name])).eval()
+    model = randomize_bn_statistics(models.build_model(name, SMALL[name])).eval()
     x = torch.randn(6, *model.input_shape) * 3 + 1
     with torch.no_grad():
         batched = model(x)
