@@ -132,6 +132,11 @@ class RequestQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def waiting(self) -> int:
+        """Requests that will need a place: those queued and those whose bodies are on the way."""
+        return len(self._items) + self.arriving
+
     def put(self, item: Pending) -> None:
         """Queue `item`, or raise `QueueFullError` at once (the caller answers 503)."""
         if len(self._items) >= self.max_size:

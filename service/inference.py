@@ -7,6 +7,11 @@ for a request larger than the largest batch, it runs on its own. A call runs inl
 loop when the warm-up measured the model at a few microseconds (a thread handoff would cost more),
 else in a worker thread so the loop keeps serving.
 
+`Executor.admit` is the door: it takes a request in, or refuses it with 503 and Retry-After
+before its body is read, when the version already has `max_queue_size` requests waiting. Under
+overload a refusal must cost as little as possible, or the event loop spends its time reading and
+parsing requests it will refuse while the admitted ones wait behind that work.
+
 `Executor.track` wraps a whole request (validation, run, encoding) and records it as a success
 or a failure with Triton's reasons, in the statistics behind /stats and /metrics.
 """
@@ -59,10 +64,30 @@ class Executor:
         self.metrics = metrics
 
     @contextlib.contextmanager
-    def track(self, model: ModelVersion) -> Iterator[Tracking]:
-        """Count the request enclosed as pending, then as a success or failure."""
+    def admit(self, model: ModelVersion) -> Iterator[None]:
+        """Count the request enclosed as pending, or raise `QueueFullError` at once when the
+        version has `max_queue_size` requests waiting: for a version that batches, those being
+        received or queued for its batcher; for one that does not, every request in flight."""
         record = self.stats.of(model.name, model.version)
+        limit = model.batching.max_queue_size
+        batcher = self._batcher(model)
+        waiting = batcher.queue.waiting if batcher is not None else record.pending
+        if waiting >= limit:
+            record.record_failure(0, REJECTED)
+            raise QueueFullError(
+                f"model {model.name!r} version {model.version} has {waiting} requests waiting "
+                f"(max_queue_size {limit}); retry shortly"
+            )
         record.pending += 1
+        try:
+            yield
+        finally:
+            record.pending -= 1
+
+    @contextlib.contextmanager
+    def track(self, model: ModelVersion) -> Iterator[Tracking]:
+        """Record the request enclosed as a success or a failure (admitted by `admit`)."""
+        record = self.stats.of(model.name, model.version)
         start = time.perf_counter_ns()
         tracking = Tracking()
         try:
@@ -77,8 +102,6 @@ class Executor:
             elapsed = time.perf_counter_ns() - start
             record.record_success(elapsed, tracking.queue_ns)
             self.metrics.observe_request(model.name, model.version, elapsed / 1e9)
-        finally:
-            record.pending -= 1
 
     def expecting(self, model: ModelVersion) -> contextlib.AbstractContextManager[None]:
         """Enclose the reading of a request's body: the batcher waits for such requests."""

@@ -142,7 +142,11 @@ class Settings(BaseSettings):
         "being received: a lone request never waits",
     )
     max_queue_size: int = Field(
-        1024, ge=1, description="requests queued per model version before new ones get 503"
+        1024,
+        ge=1,
+        description="requests waiting per model version (being received or queued; for a "
+        "model that does not batch, in flight) before new ones get 503 with Retry-After, "
+        "refused before their body is read",
     )
 
     _split = field_validator("models", "providers", mode="before")(_split_commas)

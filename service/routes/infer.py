@@ -4,12 +4,13 @@ Why raw: for a small model, FastAPI's and Starlette's per-request machinery (dep
 injection, body models, the exception and exit-stack middlewares, matching against every
 included router, Request and Response objects) costs more than the inference. So
 `InferFastPath`, the innermost of the app's middlewares, sends `POST .../infer` straight to
-`handle_infer`, which checks the token, reads the body, validates it by hand (`protocol.py`),
-runs it through the executor (and its batcher) and writes the response itself. The middlewares
-outside it (body limit, access log and HTTP metrics, the drain on shutdown) still apply; service
-errors map to responses through the one table in `errors.py`. The same handler is also a plain
-Starlette route, which answers what the fast path lets through (a GET gets 405), and the
-OpenAPI entry that FastAPI cannot derive is written out here (`document`).
+`handle_infer`, which checks the token, admits the request (or refuses it with 503 before its
+body is read, when the version's queue is full), reads the body, validates it by hand
+(`protocol.py`), runs it through the executor (and its batcher) and writes the response itself.
+The middlewares outside it (body limit, access log and HTTP metrics, the drain on shutdown)
+still apply; service errors map to responses through the one table in `errors.py`. The same
+handler is also a plain Starlette route, which answers what the fast path lets through (a GET
+gets 405), and the OpenAPI entry that FastAPI cannot derive is written out here (`document`).
 
 The body may be JSON followed by binary tensors, with no Content-Type at all (the official
 client sends none): it is read raw and never parsed by the framework.
@@ -44,16 +45,17 @@ async def handle_infer(
     check_authorization(services.settings.token(), authorization)
     model = services.manager.resolve(name, version)
     executor = services.executor
-    with executor.expecting(model):  # the batcher may wait for this body rather than leave
-        body = await read_body(receive)
-    with executor.track(model) as tracking:
-        parsed = protocol.parse_infer_request(body, header_length, model, services.limits)
-        # Slow models wait long enough in the queue for a disconnect to be worth noticing.
-        disconnect = None if model.inline else receive
-        results = await executor.run(
-            model, parsed.feeds, parsed.output_names, parsed.batch_size, tracking, disconnect
-        )
-        content, headers = protocol.encode_response(model, parsed, results)
+    with executor.admit(model):  # a 503 now, before the body is read, if the version is full
+        with executor.expecting(model):  # the batcher may wait for this body rather than leave
+            body = await read_body(receive)
+        with executor.track(model) as tracking:
+            parsed = protocol.parse_infer_request(body, header_length, model, services.limits)
+            # Slow models wait long enough in the queue for a disconnect to be worth noticing.
+            disconnect = None if model.inline else receive
+            results = await executor.run(
+                model, parsed.feeds, parsed.output_names, parsed.batch_size, tracking, disconnect
+            )
+            content, headers = protocol.encode_response(model, parsed, results)
     raw = [(b"content-type", headers.pop("Content-Type").encode())]
     raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
     raw.append((b"content-length", str(len(content)).encode()))

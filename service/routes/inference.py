@@ -84,7 +84,7 @@ async def classify(
         )
     entry = services.manager.entry_or_none(name)
     spec = effective_spec(meta.input, entry.config.preprocessing) if entry else meta.input
-    with services.executor.track(model) as tracking:
+    with services.executor.admit(model), services.executor.track(model) as tracking:
         batch = await _classify_input(request, spec)
         input_spec = model.input(meta.input.name)
         dtype = input_spec.datatype.dtype if input_spec else np.dtype(np.float32)
