@@ -81,7 +81,11 @@ def create_app(settings: Settings) -> FastAPI:
     ui.mount_static(app)
     install_handlers(app)
     app.add_middleware(DecompressMiddleware, max_bytes=settings.max_decompressed_bytes)
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+    )
     app.add_middleware(
         AccessLogMiddleware,
         metrics=app.state.services.metrics,

@@ -74,6 +74,7 @@ def _run(app: str | Callable[[], ASGIApp], settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
         log_level=settings.log_level,
         access_log=False,  # ours is structured, with request ids (service.access)
         log_config=None,  # keep the logging configured above

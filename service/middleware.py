@@ -2,7 +2,9 @@
 
 The limit works below FastAPI so it covers every body, multipart uploads included: a declared
 Content-Length over the limit is refused before a byte is read, and a chunked body is counted
-as it streams and cut off with 413 the moment it passes the limit. The access log wraps
+as it streams and cut off with 413 the moment it passes the limit; a body still incomplete
+`body_timeout_s` after the app began reading it gets 408 and its connection closed. The access
+log wraps
 everything, so it sees those 413s too; it also is the last line of defence: an exception nobody
 mapped is logged once, with its traceback, and answered 500 without one. Between the limit and
 the app, a body sent with `Content-Encoding: gzip` or `deflate` is inflated in bounded steps,
@@ -11,6 +13,7 @@ refused with 413 the moment it passes its own limit (a zip bomb never inflates w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -30,21 +33,29 @@ access_logger = logging.getLogger("service.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
 
 
-class BodyTooLargeError(Exception):
-    """Raised into the app when a streamed body passes the limit (the 413 is already sent)."""
+class BodyRefusedError(Exception):
+    """Raised into the app when a body passes a limit while it streams (the answer, 413 or 408,
+    is already sent)."""
 
 
-async def _send_json(send: Send, status: int, payload: dict[str, Any]) -> None:
+async def _send_json(send: Send, status: int, payload: dict[str, Any], close: bool = False) -> None:
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:  # the rest of the body will not be read: the connection cannot be reused
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    """A request body's two limits: its size, and the time it may take to arrive (counted from
+    the app's first read), so that a client trickling its body cannot hold a queue place, a
+    worker or a shutdown forever."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout_s: float) -> None:
         self.app = app
         self.limit = max_body_bytes
+        self.timeout = body_timeout_s
 
     def _message(self) -> dict[str, str]:
         return {"error": f"request body larger than the limit of {self.limit} bytes"}
@@ -58,25 +69,40 @@ class BodyLimitMiddleware:
             await _send_json(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._message())
             return
         received = 0
-        refused = False
+        refused = complete = False
+        deadline: float | None = None
+
+        async def refuse(status: HTTPStatus, payload: dict[str, str], close: bool) -> None:
+            nonlocal refused
+            if not refused:
+                refused = True
+                await _send_json(send, status, payload, close)
+            raise BodyRefusedError
 
         async def limited_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
+            nonlocal received, complete, deadline
+            if complete:  # after the body, receive only waits for a disconnect: no deadline
+                return await receive()
+            if deadline is None:
+                deadline = asyncio.get_running_loop().time() + self.timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                payload = {"error": f"request body not received within {self.timeout:g} s"}
+                await refuse(HTTPStatus.REQUEST_TIMEOUT, payload, close=True)
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    if not refused:
-                        refused = True
-                        await _send_json(send, HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._message())
-                    raise BodyTooLargeError
+                    await refuse(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self._message(), False)
+                complete = not message.get("more_body", False)
             return message
 
         async def guarded_send(message: Message) -> None:
-            if not refused:  # once the 413 is out, whatever the app answers is dropped
+            if not refused:  # once the 413 or 408 is out, whatever the app answers is dropped
                 await send(message)
 
-        with contextlib.suppress(BodyTooLargeError):
+        with contextlib.suppress(BodyRefusedError):
             await self.app(scope, limited_receive, guarded_send)
 
 

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * MiB, gt=0, description="largest request body accepted; larger ones get 413"
     )
+    body_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="longest a request body may take to arrive, from the first read; a slower "
+        "one gets 408 and its connection is closed (a trickling client holds no queue place, "
+        "worker or shutdown for longer)",
+    )
     max_decompressed_bytes: int = Field(
         64 * MiB,
         gt=0,
@@ -109,6 +116,12 @@ class Settings(BaseSettings):
         description="seconds after SIGTERM during which the server still accepts connections, "
         "answers readiness with 'not ready' and new inference with 503, so load balancers "
         "take it out; in-flight requests then finish before it exits 0",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="after the grace period, longest the requests in flight may take to "
+        "finish; those still running are then cancelled and the process exits",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="log level of the service and uvicorn"

@@ -5,7 +5,9 @@ On SIGTERM a server process
    while it still accepts connections for `shutdown_grace_s` seconds, so that load balancers
    and Kubernetes see it leave and send their traffic elsewhere;
 2. then has uvicorn close the listening socket and wait for every request in flight, and with
-   them everything queued behind them, before the lifespan shutdown;
+   them everything queued behind them, before the lifespan shutdown; for `shutdown_timeout_s`
+   at most (uvicorn's graceful-shutdown timeout), after which what still runs is cancelled, so
+   a client that never finishes its body cannot keep the process alive;
 3. and exits 0.
 
 uvicorn alone stops accepting on the first signal, so a load balancer that has not noticed yet
