@@ -80,9 +80,9 @@ def make_workload(name: str, onnx: Path, shape: tuple[int, ...], folder: Path) -
     )
 
 
-def export_resnet18(folder: Path) -> Path:
-    """A ResNet-18-style net at 3×224×224 with random weights, BN folded, exported and verified
-    by the project's own exporter (the service never imports torch; the bench may)."""
+def export_resnet18(folder: Path, size: int = 224) -> Path:
+    """A ResNet-18-style net at 3×`size`×`size` with random weights, BN folded, exported and
+    verified by the project's own exporter (the service never imports torch; the bench may)."""
     import onnx
     import torch
 
@@ -91,8 +91,8 @@ def export_resnet18(folder: Path) -> Path:
 
     torch.manual_seed(0)
     model = build_model("resnet18").eval()
-    proto = export_onnx(model, torch.randn(1, 3, 224, 224))
-    path = folder / "resnet18.onnx"
+    proto = export_onnx(model, torch.randn(1, 3, size, size))
+    path = folder / f"resnet18-{size}.onnx"
     onnx.save(proto, str(path))
     return path
 
