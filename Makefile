@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR ?= runs/digits
 
-.PHONY: run test system-tools lint format bench why-bn clean image-test
+.PHONY: run test test-gpu bench-gpu system-tools lint format bench why-bn clean image-test
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,9 +51,30 @@ bench: $(STAMP)
 why-bn: $(STAMP)
 	$(BIN)/foldserve why-bn --out runs/why_bn
 
+# On a machine with an NVIDIA GPU: its own environment, with onnxruntime-gpu (and its CUDA and
+# cuDNN wheels) in place of onnxruntime, which shares its import name (never install both).
+GPU_VENV := .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+$(GPU_STAMP): pyproject.toml constraints.txt
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[train,serve,dev]'
+	$(GPU_VENV)/bin/python -m pip uninstall --quiet -y onnxruntime
+	$(GPU_VENV)/bin/python -m pip install --quiet -c constraints.txt 'onnxruntime-gpu[cuda,cudnn]'
+	touch $(GPU_STAMP)
+
+## test-gpu: on a CUDA machine, the GPU-marked tests; every one must run (-rs lists any skip)
+test-gpu: $(GPU_STAMP)
+	$(GPU_VENV)/bin/python -c 'import onnxruntime as o, torch; print(o.get_available_providers(), torch.cuda.is_available())'
+	$(GPU_VENV)/bin/python -m pytest -m gpu -rs
+
+## bench-gpu: on a CUDA machine, bench/gpu.py; figures to bench/gpu-results.json
+bench-gpu: $(GPU_STAMP)
+	$(GPU_VENV)/bin/python bench/gpu.py --json bench/gpu-results.json
+
 ## image-test: build the cpu, gpu and train images with buildah and run them (root; minutes the first time)
 image-test: $(STAMP)
 	scripts/image-test.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(GPU_VENV) runs .pytest_cache .ruff_cache .hypothesis

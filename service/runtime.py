@@ -1,11 +1,13 @@
 """One ONNX Runtime session per loaded model version: load, describe, warm up, run.
 
 Inputs and outputs go through IOBinding on every provider, the CPU included, so the path the
-GPU takes is the path the tests take. A session is safe to run from several threads at once;
-each call makes its own binding. Loading checks the graph before ONNX Runtime sees it (no
-BatchNormalization in training mode), reads the foldserve metadata the exporter wrote, and warms
-the session up with zeros, timing it: that measurement decides whether calls run inline on the
-event loop or in a worker thread.
+GPU takes is the path the tests take (a model replaying a CUDA graph binds fixed GPU buffers
+instead: `service/cuda_graph.py`). A session is safe to run from several threads at once; each
+call makes its own binding. Provider options (cuDNN algorithm search, the CUDA memory arena,
+TensorRT's fp16 and engine cache) come from the settings, through `RuntimeOptions`. Loading
+checks the graph before ONNX Runtime sees it (no BatchNormalization in training mode), reads the
+foldserve metadata the exporter wrote, and warms the session up with zeros, timing it: that
+measurement decides whether calls run inline on the event loop or in a worker thread.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from foldserve.model_metadata import PREFIX, MetadataError, ModelMetadata
-from service import datatypes
+from service import cuda_graph, datatypes
 from service.batching import Batcher, BatchPolicy
 from service.datatypes import Datatype
 from service.onnx_scan import WireError, check_inference_mode
@@ -36,7 +38,6 @@ SHORT_PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 class LoadError(Exception):
@@ -54,12 +55,26 @@ class RuntimeOptions:
     max_batch_size: int = 0
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
+    cuda_conv_algo_search: str = "HEURISTIC"
+    cuda_arena_extend_strategy: str = "kNextPowerOfTwo"
+    cuda_mem_limit_mib: int = 0
+    cuda_tf32: bool = True
+    cuda_graphs: bool = False
+    tensorrt_fp16: bool = False
+    tensorrt_cache_dir: Path | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RuntimeOptions:
         return cls(
             providers=resolve_providers(settings.providers, ort.get_available_providers()),
             device_id=settings.device_id,
+            cuda_conv_algo_search=settings.cuda_conv_algo_search,
+            cuda_arena_extend_strategy=settings.cuda_arena_extend_strategy,
+            cuda_mem_limit_mib=settings.cuda_mem_limit_mib,
+            cuda_tf32=settings.cuda_tf32,
+            cuda_graphs=settings.cuda_graphs,
+            tensorrt_fp16=settings.tensorrt_fp16,
+            tensorrt_cache_dir=settings.tensorrt_cache_dir,
             intra_op_threads=settings.intra_op_threads,
             inter_op_threads=settings.inter_op_threads,
             warmup_runs=settings.warmup_runs,
@@ -87,11 +102,36 @@ class RuntimeOptions:
             dynamic_batching=dynamic_batching,
         )
 
-    def provider_list(self) -> list[tuple[str, dict[str, Any]]]:
-        return [
-            (p, {"device_id": self.device_id} if p in DEVICE_PROVIDERS else {})
-            for p in self.providers
-        ]
+    def provider_list(self, cuda_graph: bool = False) -> list[tuple[str, dict[str, str]]]:
+        """The providers with their options, as `InferenceSession` takes them (strings, which
+        every ONNX Runtime version parses). `cuda_graph` asks CUDA to capture a graph: only
+        for a model whose shapes are all fixed (`load_version` decides)."""
+        return [(p, self._provider_options(p, cuda_graph)) for p in self.providers]
+
+    def _provider_options(self, provider: str, cuda_graph: bool) -> dict[str, str]:
+        if provider == "CUDAExecutionProvider":
+            options = {
+                "device_id": str(self.device_id),
+                "cudnn_conv_algo_search": self.cuda_conv_algo_search,
+                "arena_extend_strategy": self.cuda_arena_extend_strategy,
+            }
+            if self.cuda_mem_limit_mib:
+                options["gpu_mem_limit"] = str(self.cuda_mem_limit_mib * (1 << 20))
+            if not self.cuda_tf32:  # named only when off: ONNX Runtime's default is on
+                options["use_tf32"] = "0"
+            if cuda_graph:
+                options["enable_cuda_graph"] = "1"
+            return options
+        if provider == "TensorrtExecutionProvider":
+            options = {
+                "device_id": str(self.device_id),
+                "trt_fp16_enable": "True" if self.tensorrt_fp16 else "False",
+            }
+            if self.tensorrt_cache_dir is not None:
+                options["trt_engine_cache_enable"] = "True"
+                options["trt_engine_cache_path"] = str(self.tensorrt_cache_dir)
+            return options
+        return {}
 
 
 def resolve_providers(requested: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
@@ -117,6 +157,10 @@ class TensorSpec:
     name: str
     datatype: Datatype
     shape: tuple[int, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return self.datatype.dtype
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": self.datatype.name, "shape": list(self.shape)}
@@ -154,6 +198,9 @@ class ModelVersion:
     loaded_at: float = field(default_factory=time.time)
     batching: BatchPolicy = field(default_factory=BatchPolicy)
     batcher: Batcher | None = field(default=None, repr=False)
+    graph: cuda_graph.CudaGraph | None = field(
+        default=None, repr=False
+    )  # set when a CUDA graph replays
 
     @property
     def providers(self) -> list[str]:
@@ -191,8 +238,14 @@ class ModelVersion:
     def run(
         self, feeds: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> tuple[dict[str, np.ndarray], RunTimings]:
-        """Run through IOBinding; string tensors, which IOBinding cannot bind, use `run`."""
+        """Run through IOBinding; string tensors, which IOBinding cannot bind, use `run`; a
+        CUDA graph replays on its fixed buffers."""
         t0 = time.perf_counter_ns()
+        if self.graph is not None:
+            t1 = time.perf_counter_ns()
+            outputs = self.graph.run(feeds, output_names)
+            t2 = t3 = time.perf_counter_ns()
+            return outputs, RunTimings(t0, t1 - t0, t2 - t1, t3 - t2)
         if self.has_strings:
             t1 = time.perf_counter_ns()
             values = self.session.run(list(output_names), feeds)
@@ -256,12 +309,27 @@ def _check_metadata(meta: ModelMetadata | None, version: ModelVersion) -> None:
         raise LoadError(f"the metadata names output {meta.output.name!r}, which the graph lacks")
 
 
-def _session(path: Path, options: RuntimeOptions) -> ort.InferenceSession:
+def _session(path: Path, options: RuntimeOptions, cuda_graph: bool = False) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = options.inter_op_threads
     so.log_severity_level = 3  # ORT's own warnings go to stderr unstructured; keep errors only
-    return ort.InferenceSession(str(path), sess_options=so, providers=options.provider_list())
+    providers = options.provider_list(cuda_graph)
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+
+
+def _with_cuda_graph(version: ModelVersion, options: RuntimeOptions) -> None:
+    """With `cuda_graphs` on, give a fixed-shape version running on CUDA a session that
+    captures a graph (the shapes are known only once a first session has read the file)."""
+    if not options.cuda_graphs or version.providers[0] != "CUDAExecutionProvider":
+        return
+    if not cuda_graph.qualifies(version.inputs + version.outputs):
+        logger.info("model %s: dynamic or string shapes, so no CUDA graph", version.name)
+        return
+    version.session = _session(version.path, options, cuda_graph=True)
+    version.graph = cuda_graph.CudaGraph(
+        version.session, version.inputs, version.outputs, options.device_id
+    )
 
 
 def load_version(name: str, version: int, path: Path, options: RuntimeOptions) -> ModelVersion:
@@ -285,7 +353,8 @@ def load_version(name: str, version: int, path: Path, options: RuntimeOptions) -
             inline_max_us=options.inline_max_us,
         )
         _check_metadata(loaded.metadata, loaded)
-        loaded.warmup_us = loaded.warm_up(options.warmup_runs)
+        _with_cuda_graph(loaded, options)
+        loaded.warmup_us = loaded.warm_up(options.warmup_runs)  # a graph is captured here
     except LoadError:
         raise
     except WireError as exc:

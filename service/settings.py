@@ -55,6 +55,41 @@ class Settings(BaseSettings):
         "'CUDAExecutionProvider,CPUExecutionProvider' ('cuda' and 'cpu' are accepted)",
     )
     device_id: int = Field(0, ge=0, description="GPU device id for CUDA/TensorRT providers")
+    # CUDA and TensorRT provider options (docs/gpu.md); without those providers they are unused.
+    cuda_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
+        "HEURISTIC",
+        description="cuDNN convolution algorithm choice: HEURISTIC (cuDNN's guess, quick "
+        "first calls), EXHAUSTIVE (ONNX Runtime's own default: benchmarks every algorithm for "
+        "each new input shape, so the first call at every batch size is slow, sometimes for "
+        "faster kernels), DEFAULT (no search)",
+    )
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        "kNextPowerOfTwo",
+        description="how the CUDA memory arena grows: kNextPowerOfTwo (fewer, larger "
+        "allocations) or kSameAsRequested (no overshoot, for tight GPU memory)",
+    )
+    cuda_mem_limit_mib: int = Field(
+        0, ge=0, description="limit of each session's CUDA memory arena in MiB (0: no limit)"
+    )
+    cuda_tf32: bool = Field(
+        True,
+        description="let CUDA run float32 convolutions and matrix products in TF32 on GPUs "
+        "that have it (faster; about 1e-3 relative error); off for full float32 precision",
+    )
+    cuda_graphs: bool = Field(
+        False,
+        description="capture a CUDA graph for each model whose inputs and outputs all have "
+        "fixed shapes, and replay it (less launch overhead for small models; calls to one such "
+        "model then run one at a time); other models run as usual",
+    )
+    tensorrt_fp16: bool = Field(
+        False, description="let the TensorRT provider (when named in providers) build fp16 engines"
+    )
+    tensorrt_cache_dir: Path | None = Field(
+        None,
+        description="folder where the TensorRT provider keeps built engines, so a restart "
+        "does not rebuild them (default: no cache)",
+    )
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads within an operator (0: ONNX Runtime's choice)"
     )
@@ -168,6 +203,13 @@ class Settings(BaseSettings):
     @classmethod
     def _repository_is_a_folder(cls, value: Path) -> Path:
         if not value.is_dir():
+            raise ValueError(f"{value} is not a folder")
+        return value
+
+    @field_validator("tensorrt_cache_dir")
+    @classmethod
+    def _cache_is_a_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
             raise ValueError(f"{value} is not a folder")
         return value
 

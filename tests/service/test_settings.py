@@ -26,6 +26,11 @@ def test_environment_then_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         ({"log_level": "loud"}, "FOLDSERVE_LOG_LEVEL"),
         ({"max_body_bytes": 0}, "FOLDSERVE_MAX_BODY_BYTES"),
         ({"bogus": 1}, "bogus"),
+        ({"cuda_conv_algo_search": "FAST"}, "FOLDSERVE_CUDA_CONV_ALGO_SEARCH"),
+        ({"cuda_arena_extend_strategy": "grow"}, "FOLDSERVE_CUDA_ARENA_EXTEND_STRATEGY"),
+        ({"cuda_mem_limit_mib": -1}, "FOLDSERVE_CUDA_MEM_LIMIT_MIB"),
+        ({"tensorrt_cache_dir": "/no/such/cache"}, "is not a folder"),
+        ({"body_timeout_s": 0}, "FOLDSERVE_BODY_TIMEOUT_S"),
     ],
 )
 def test_invalid_settings_are_one_line(tmp_path: Path, overrides: dict, fragment: str) -> None:
