@@ -185,9 +185,18 @@ class ModelManager:
                     load_version, entry.name, number, path, self.options
                 )
             except LoadError as exc:
-                failures[number] = str(exc)
+                failures[number] = self._relative(str(exc))
                 logger.error("model %s version %d failed to load: %s", entry.name, number, exc)
         return fresh, failures
+
+    def _relative(self, reason: str) -> str:
+        """A load failure as clients see it (the index, model pages): paths relative to the
+        repository, since where the server keeps it is no client's business; the log keeps
+        them whole."""
+        roots = {str(self.root.resolve()), str(self.root.absolute()), str(self.root)}
+        for root in sorted(roots, key=len, reverse=True):
+            reason = reason.replace(root.rstrip("/") + "/", "")
+        return reason
 
     def _swap(
         self,

@@ -21,6 +21,7 @@ inside the repository; a version is a positive integer. Each model may carry
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -141,11 +142,17 @@ def model_folder(root: Path, name: str) -> Path:
 
 
 def _inside(root: Path, path: Path) -> bool:
-    """Whether `path`, symlinks followed, lies within the repository; logged when it does not."""
+    """Whether `path`, symlinks followed, lies within the repository; logged (once per path:
+    the repository is scanned again and again) when it does not."""
     if path.resolve().is_relative_to(root.resolve()):
         return True
-    logger.warning("ignoring %s: it resolves outside the repository", path)
+    _warn_outside(str(path))
     return False
+
+
+@functools.cache
+def _warn_outside(path: str) -> None:
+    logger.warning("ignoring %s: it resolves outside the repository", path)
 
 
 def scan(root: Path) -> list[str]:

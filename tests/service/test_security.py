@@ -226,6 +226,8 @@ def test_model_files_that_reach_outside_or_cannot_run_are_refused_at_load(
             rows = {r["name"]: r for r in http.post("/v2/repository/index").json()}
         for name in refused:
             assert rows[name]["state"] == "UNAVAILABLE" and rows[name]["reason"], rows[name]
+            assert str(root.resolve()) not in rows[name]["reason"]  # the server's layout stays
+            assert str(root) not in rows[name]["reason"]
             response = http.post(f"/v2/models/{name}/infer", json=AFFINE)
             assert response.status_code == 503, response.text
         for name in ("dotdot", "absolute", "linked"):
