@@ -71,6 +71,32 @@ def test_unfolded_reference_keeps_its_batchnorms_and_the_default_export_does_not
     assert batchnorm_nodes(export_onnx(model, x)) == []
 
 
+@pytest.mark.parametrize("name", ["digits_cnn", "resnet18"])
+def test_the_unfolded_reference_is_a_file_onnx_runtime_can_fuse_itself(name, tmp_path):
+    """The raw export computes bias-free Convs' zero biases at run time, which stops ONNX
+    Runtime from fusing Conv+BN at load; the reference file must not be slower than an unfolded
+    model is, so its constants are folded (its BNs kept)."""
+    config = {"image_size": 32, "num_classes": 10} if name == "resnet18" else {}
+    model = randomize_bn_statistics(models.build_model(name, config)).eval()
+    x = torch.randn(2, *model.input_shape)
+    proto = export_onnx(model, x, keep_batchnorm=True)
+    assert batchnorm_nodes(proto)
+    constants = {t.name for t in proto.graph.initializer}
+    biases = [n.input[2] for n in proto.graph.node if n.op_type == "Conv" and len(n.input) > 2]
+    assert biases and all(b in constants for b in biases)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    assert batchnorm_nodes(onnx.load(tmp_path / "optimised.onnx")) == []
+    with torch.inference_mode():
+        want = model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    assert np.max(np.abs(got - want)) <= 1e-4 * (1 + np.max(np.abs(want)))
+
+
 def test_export_always_uses_eval_mode():
     model = randomize_bn_statistics(models.build_model("digits_cnn")).train()
     proto = export_onnx(model, torch.randn(2, 1, 8, 8), keep_batchnorm=True)
