@@ -38,7 +38,11 @@ def qualifies(specs: Iterable[Spec]) -> bool:
 
 
 class CudaGraph:
-    """The device buffers and binding of one session created with `enable_cuda_graph`."""
+    """The device buffers and binding of one session created with `enable_cuda_graph`.
+
+    `device` "cpu" binds host buffers the same way (no graph is captured there): the tests of
+    the buffer logic run on machines without a GPU.
+    """
 
     def __init__(
         self,
@@ -46,11 +50,12 @@ class CudaGraph:
         inputs: Sequence[Spec],
         outputs: Sequence[Spec],
         device_id: int,
+        device: str = "cuda",
     ) -> None:
         self._session = session
         self._lock = threading.Lock()
-        self._inputs = {s.name: _buffer(s, device_id) for s in inputs}
-        self._outputs = {s.name: _buffer(s, device_id) for s in outputs}
+        self._inputs = {s.name: _buffer(s, device, device_id) for s in inputs}
+        self._outputs = {s.name: _buffer(s, device, device_id) for s in outputs}
         self._binding = session.io_binding()
         for name, value in self._inputs.items():
             self._binding.bind_ortvalue_input(name, value)
@@ -60,15 +65,16 @@ class CudaGraph:
     def run(
         self, feeds: dict[str, np.ndarray], output_names: Sequence[str]
     ) -> dict[str, np.ndarray]:
-        """Copy `feeds` in, replay (the first call captures), copy the outputs out."""
+        """Copy `feeds` in, replay (the first call captures), copy the outputs out: copies,
+        since the next call overwrites the buffers (a host buffer's `numpy()` is a view)."""
         with self._lock:
             for name, array in feeds.items():
                 self._inputs[name].update_inplace(np.ascontiguousarray(array))
             self._session.run_with_iobinding(self._binding)
-            return {name: self._outputs[name].numpy() for name in output_names}
+            return {name: np.array(self._outputs[name].numpy()) for name in output_names}
 
 
-def _buffer(spec: Spec, device_id: int) -> ort.OrtValue:
+def _buffer(spec: Spec, device: str, device_id: int) -> ort.OrtValue:
     return ort.OrtValue.ortvalue_from_shape_and_type(
-        list(spec.shape), spec.numpy_dtype, "cuda", device_id
+        list(spec.shape), spec.numpy_dtype, device, device_id
     )

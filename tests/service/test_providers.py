@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from service import datatypes
-from service.cuda_graph import qualifies
+from service.cuda_graph import CudaGraph, qualifies
 from service.runtime import RuntimeOptions, TensorSpec, load_version
 from service.settings import load_settings
 from tests.service import onnx_models as om
@@ -98,3 +98,16 @@ def test_cuda_graphs_change_nothing_on_the_cpu(tmp_path: Path) -> None:
     x = -np.ones(version.inputs[0].shape, np.float32)
     outputs, _ = version.run({version.inputs[0].name: x}, version.output_names)
     np.testing.assert_array_equal(outputs[version.output_names[0]], np.zeros_like(x))  # Relu
+
+
+def test_fixed_buffers_hand_each_call_its_own_answer(tmp_path: Path) -> None:
+    """The CUDA graph's buffer logic, on host buffers: inputs copied in, outputs copied out,
+    so no answer is overwritten by the next call and no call reads the last one's inputs."""
+    path = om.publish(tmp_path / "repo", "fixed", 1, om.fixed_batch_model())
+    version = load_version("fixed", 1, path, RuntimeOptions(("CPUExecutionProvider",)))
+    graph = CudaGraph(version.session, version.inputs, version.outputs, 0, device="cpu")
+    rng = np.random.default_rng(0)
+    calls = [rng.normal(size=(2, 3)).astype(np.float32) for _ in range(4)]
+    answers = [graph.run({"x": x}, ["y"])["y"] for x in calls]
+    for x, answer in zip(calls, answers, strict=True):
+        np.testing.assert_array_equal(answer, np.maximum(x, 0))
