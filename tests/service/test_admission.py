@@ -126,3 +126,28 @@ def test_other_models_are_not_refused_while_one_is_full(live: LiveServer) -> Non
         await release(held)
 
     asyncio.run(scenario())
+
+
+def test_classify_is_admitted_through_the_same_door(live: LiveServer) -> None:
+    async def scenario() -> None:
+        held = await hold(live.port, "batched")
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        array = b"[[0.1, 0.2, 0.3, 0.4]]"
+        writer.write(
+            f"POST /v2/models/batched/classify HTTP/1.1\r\nHost: 127.0.0.1:{live.port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(array)}\r\n\r\n".encode()
+        )  # the head only, again
+        status, refused_head, refused = await response(reader)
+        assert status == 503, refused
+        assert b"\r\nretry-after: " in refused_head
+        writer.close()
+        await release(held)
+        async with httpx.AsyncClient(base_url=live.url, timeout=10) as http:
+            answer = await http.post(
+                "/v2/models/batched/classify",
+                content=array,
+                headers={"Content-Type": "application/json"},
+            )
+            assert answer.status_code == 200, answer.text
+
+    asyncio.run(scenario())
