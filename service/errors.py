@@ -8,6 +8,7 @@ middleware (`middleware.py`) logs it once, with its traceback, and answers 500 w
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 logger = logging.getLogger(__name__)
 
@@ -106,16 +108,36 @@ def error_response(
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def error_response_for(exc: ServiceError) -> JSONResponse:
-    """The response for `exc`, per the table; server-side faults are logged once."""
+def _status_and_headers(exc: ServiceError) -> tuple[int, dict[str, str] | None]:
+    """Per the table; server faults (500) are logged once. A 503 (not ready, queue full) is a
+    state, not a fault: it shows in the metrics and the access log, and logging each one would
+    cost a refusal under overload a third of its time."""
     status = status_of(exc)
-    if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+    if status == HTTPStatus.INTERNAL_SERVER_ERROR:
         detail = getattr(exc, "detail", "")
         logger.error("%s: %s%s", type(exc).__name__, exc.message, f" ({detail})" if detail else "")
-    headers = None
     if isinstance(exc, QueueFullError):
-        headers = {"Retry-After": str(exc.retry_after_s)}
+        return status, {"Retry-After": str(exc.retry_after_s)}
+    return status, None
+
+
+def error_response_for(exc: ServiceError) -> JSONResponse:
+    """The response for `exc`, for FastAPI's exception handlers."""
+    status, headers = _status_and_headers(exc)
     return error_response(status, exc.message, headers)
+
+
+async def send_error(send: Send, exc: ServiceError) -> None:
+    """The same response as `error_response_for`, written straight to ASGI `send`: the infer
+    hot path answers refusals this way, without a Response object (a tenth of their time)."""
+    status, headers = _status_and_headers(exc)
+    if status == HTTPStatus.UNAUTHORIZED:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    body = json.dumps({"error": exc.message}, ensure_ascii=False, separators=(",", ":")).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:

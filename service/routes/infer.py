@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import protocol
 from service.deps import Services, check_authorization
-from service.errors import ClientGoneError, ServiceError, error_response_for
+from service.errors import ClientGoneError, ServiceError, send_error
 from service.protocol import HEADER_LENGTH
 from service.routes.models import AUTH_ERRORS
 from service.schemas import InferenceResponse
@@ -102,7 +102,7 @@ async def _guarded(
     try:
         await handle_infer(scope, receive, send, name, version)
     except ServiceError as exc:
-        await error_response_for(exc)(scope, receive, send)
+        await send_error(send, exc)
 
 
 INFER_ROUTES = (

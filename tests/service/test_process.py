@@ -32,7 +32,8 @@ def test_access_log_line_carries_the_request_id(server: LiveServer) -> None:
     response = httpx.get(server.url + "/v2/health/live", headers={"X-Request-ID": "req-42"})
     assert response.headers["x-request-id"] == "req-42"
     generated = httpx.get(server.url + "/v2/health/live").headers["x-request-id"]
-    assert len(generated) == 32
+    following = httpx.get(server.url + "/v2/health/live").headers["x-request-id"]
+    assert len(generated) == 32 and generated != following
     lines = [line for line in server.logs().splitlines() if '"request_id": "req-42"' in line]
     record = json.loads(lines[-1].split("service.access: ", 1)[1])
     assert record["status"] == 200 and record["path"] == "/v2/health/live"
