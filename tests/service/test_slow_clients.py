@@ -62,6 +62,30 @@ def test_a_trickled_body_gets_408_and_its_connection_closed(tmp_path: Path) -> N
         assert pending(live) == 0
 
 
+def test_a_body_sent_slowly_but_within_the_limit_is_served(tmp_path: Path) -> None:
+    """The deadline covers the whole body, not each read: many slow pieces arriving inside it
+    make a normal request, and the connection stays usable for the next."""
+
+    async def scenario(live: LiveServer) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+        for _ in range(2):
+            writer.write(head(live.port))
+            for start in range(0, len(BODY), 8):
+                writer.write(BODY[start : start + 8])
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            status_line = await asyncio.wait_for(reader.readline(), 10)
+            assert status_line.startswith(b"HTTP/1.1 200"), status_line
+            headers = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(headers.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answer = json.loads(await reader.readexactly(length))
+            assert answer["outputs"][0]["data"] == [3.0, 5.0, 7.0, 9.0]
+        writer.close()
+
+    with start_server(repository(tmp_path), body_timeout_s="5", access_log="false") as live:
+        asyncio.run(scenario(live))
+
+
 def test_a_stalled_request_cannot_hold_the_shutdown(tmp_path: Path) -> None:
     with start_server(
         repository(tmp_path), body_timeout_s="600", shutdown_timeout_s="1", access_log="false"
