@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from starlette.types import ASGIApp
 
 from foldserve import __version__
 from service.deps import Services
@@ -64,7 +65,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.gather(loading, return_exceptions=True)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> ASGIApp:
+    """The service: FastAPI for every route, with the infer hot path and the middlewares every
+    request needs (access log and metrics, body limits, compressed bodies) wrapped around it
+    from outside, so that an inference, or a refusal under overload, skips FastAPI's own
+    middleware stack (its error, telemetry and body-limit layers: a tenth of a refusal)."""
+    api = _fastapi_app(settings)
+    services: Services = api.state.services
+    app: ASGIApp = inference.InferFastPath(api, services)
+    app = DecompressMiddleware(app, max_bytes=settings.max_decompressed_bytes)
+    app = BodyLimitMiddleware(
+        app, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
+    )
+    return AccessLogMiddleware(
+        app,
+        metrics=services.metrics,
+        request_id_header=settings.request_id_header,
+        enabled=settings.access_log,
+    )
+
+
+def _fastapi_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="foldserve",
         version=__version__,
@@ -77,21 +98,9 @@ def create_app(settings: Settings) -> FastAPI:
     for module in (health, models, inference, repository, pages, ui):
         app.include_router(module.router)
     pages.mount_docs_assets(app)
-    inference.mount_hot_path(app)
+    inference.mount_infer_routes(app)
     ui.mount_static(app)
     install_handlers(app)
-    app.add_middleware(DecompressMiddleware, max_bytes=settings.max_decompressed_bytes)
-    app.add_middleware(
-        BodyLimitMiddleware,
-        max_body_bytes=settings.max_body_bytes,
-        body_timeout_s=settings.body_timeout_s,
-    )
-    app.add_middleware(
-        AccessLogMiddleware,
-        metrics=app.state.services.metrics,
-        request_id_header=settings.request_id_header,
-        enabled=settings.access_log,
-    )
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -1,16 +1,16 @@
 """The v2 `infer` endpoint, the service's hot path: a raw ASGI handler dispatched before routing.
 
-Why raw: for a small model, FastAPI's and Starlette's per-request machinery (dependency
-injection, body models, the exception and exit-stack middlewares, matching against every
-included router, Request and Response objects) costs more than the inference. So
-`InferFastPath`, the innermost of the app's middlewares, sends `POST .../infer` straight to
-`handle_infer`, which checks the token, admits the request (or refuses it with 503 before its
-body is read, when the version's queue is full), reads the body, validates it by hand
-(`protocol.py`), runs it through the executor (and its batcher) and writes the response itself.
-The middlewares outside it (body limit, access log and HTTP metrics, the drain on shutdown)
-still apply; service errors map to responses through the one table in `errors.py`. The same
-handler is also a plain Starlette route, which answers what the fast path lets through (a GET
-gets 405), and the OpenAPI entry that FastAPI cannot derive is written out here (`document`).
+Why raw: for a small model, FastAPI's and Starlette's per-request machinery (its own
+middleware stack, dependency injection, body models, matching against every included router,
+Request and Response objects) costs more than the inference. So `InferFastPath`, wrapped
+around the FastAPI app (`service/app.py`), sends `POST .../infer` straight to `handle_infer`,
+which checks the token, admits the request (or refuses it with 503 before its body is read,
+when the version's queue is full), reads the body, validates it by hand (`protocol.py`), runs
+it through the executor (and its batcher) and writes the response itself. The middlewares
+outside it (body limit, access log and HTTP metrics, the drain on shutdown) still apply; service
+errors map to responses through the one table in `errors.py`. The same handler is also a plain
+Starlette route, which answers what the fast path lets through (a GET gets 405), and the
+OpenAPI entry that FastAPI cannot derive is written out here (`document`).
 
 The body may be JSON followed by binary tensors, with no Content-Type at all (the official
 client sends none): it is read raw and never parsed by the framework.
@@ -38,9 +38,8 @@ _HEADER_LENGTH = HEADER_LENGTH.lower().encode("latin-1")
 
 
 async def handle_infer(
-    scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+    scope: Scope, receive: Receive, send: Send, services: Services, name: str, version: str | None
 ) -> None:
-    services: Services = scope["app"].state.services
     authorization, header_length = _headers(scope)
     check_authorization(services.settings.token(), authorization)
     model = services.manager.resolve(name, version)
@@ -93,14 +92,15 @@ class _Endpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         params = scope["path_params"]
-        await _guarded(scope, receive, send, params["name"], params.get("version"))
+        services = scope["app"].state.services
+        await _guarded(scope, receive, send, services, params["name"], params.get("version"))
 
 
 async def _guarded(
-    scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+    scope: Scope, receive: Receive, send: Send, services: Services, name: str, version: str | None
 ) -> None:
     try:
-        await handle_infer(scope, receive, send, name, version)
+        await handle_infer(scope, receive, send, services, name, version)
     except ServiceError as exc:
         await send_error(send, exc)
 
@@ -117,11 +117,12 @@ INFER_ROUTES = (
 
 
 class InferFastPath:
-    """Sends `POST /v2/models/{name}[/versions/{version}]/infer` to `handle_infer` before
-    routing; everything else goes on to the app."""
+    """Sends `POST /v2/models/{name}[/versions/{version}]/infer` to `handle_infer` before the
+    FastAPI app (its middlewares and its routing); everything else goes on to the app."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, services: Services) -> None:
         self.app = app
+        self.services = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -130,16 +131,15 @@ class InferFastPath:
                 name, version = match.groups()
                 # What the router would have set: the access log labels by route template.
                 scope["route"] = INFER_ROUTES[0 if version is None else 1]
-                await _guarded(scope, receive, send, name, version)
+                await _guarded(scope, receive, send, self.services, name, version)
                 return
         await self.app(scope, receive, send)
 
 
-def mount_hot_path(app: FastAPI) -> None:
-    """Install the fast path (innermost middleware: call it before adding the others) and the
-    routes behind it, first in the route list."""
+def mount_infer_routes(app: FastAPI) -> None:
+    """The routes behind the fast path, first in the route list (`create_app` puts the fast
+    path itself around the FastAPI app)."""
     app.router.routes[0:0] = INFER_ROUTES
-    app.add_middleware(InferFastPath)
 
 
 # ---------------------------------------------------------------- OpenAPI, written out

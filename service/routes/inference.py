@@ -1,5 +1,5 @@
 """Inference: `classify` for people, and the v2 `infer` endpoint's hot path (`routes/infer.py`),
-which the app mounts through `mount_hot_path` and documents through `document`.
+which the app mounts through `mount_infer_routes` and documents through `document`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from service import protocol
 from service.deps import Authorized, ServicesDep
 from service.errors import BadRequestError
 from service.preprocess import array_to_input, effective_spec, image_to_input, probabilities
-from service.routes.infer import document, mount_hot_path
+from service.routes.infer import InferFastPath, document, mount_infer_routes
 from service.routes.models import AUTH_ERRORS
 from service.schemas import ClassifyResponse, Prediction
 
-__all__ = ["document", "mount_hot_path", "router"]
+__all__ = ["InferFastPath", "document", "mount_infer_routes", "router"]
 
 router = APIRouter(tags=["inference"])
 
