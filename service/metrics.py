@@ -143,11 +143,24 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Label children by their label values: `labels()` validates and locks on every call,
+        # a cost per request; the label sets are few (route templates, not paths).
+        self._request_children: dict[tuple[str, int], Histogram] = {}
+        self._http_children: dict[tuple[str, str, int], Histogram] = {}
+
     def observe_request(self, model: str, version: int, seconds: float) -> None:
-        self._request_seconds.labels(model, str(version)).observe(seconds)
+        key = (model, version)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self._request_seconds.labels(model, str(version))
+        child.observe(seconds)
 
     def observe_http(self, method: str, route: str, status: int, seconds: float) -> None:
-        self._http_seconds.labels(method, route, str(status)).observe(seconds)
+        key = (method, route, status)
+        child = self._http_children.get(key)
+        if child is None:
+            child = self._http_children[key] = self._http_seconds.labels(method, route, str(status))
+        child.observe(seconds)
 
     def render(self) -> bytes:
         if self.shared is not None:
