@@ -67,12 +67,19 @@ class Executor:
     def admit(self, model: ModelVersion) -> Iterator[None]:
         """Count the request enclosed as pending, or raise `QueueFullError` at once when the
         version has `max_queue_size` requests waiting: for a version that batches, those being
-        received or queued for its batcher; for one that does not, every request in flight."""
+        received or queued for its batcher (and, so that requests too large to batch cannot
+        pile up beside it, no more than a queue and a batch in flight in all); for one that
+        does not, every request in flight."""
         record = self.stats.of(model.name, model.version)
         limit = model.batching.max_queue_size
         batcher = self._batcher(model)
-        waiting = batcher.queue.waiting if batcher is not None else record.pending
-        if waiting >= limit:
+        if batcher is None:
+            waiting = record.pending
+            full = waiting >= limit
+        else:
+            waiting = batcher.queue.waiting
+            full = waiting >= limit or record.pending >= limit + batcher.policy.max_batch_size
+        if full:
             record.record_failure(0, REJECTED)
             raise QueueFullError(
                 f"model {model.name!r} version {model.version} has {waiting} requests waiting "

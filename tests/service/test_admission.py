@@ -10,10 +10,13 @@ import asyncio
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.deploy.slow_model import iterations_for, slow_model
+from tests.deploy.slow_model import request as slow_request
 from tests.service import onnx_models as om
 from tests.service.live import LiveServer, start_server
 
@@ -153,3 +156,40 @@ def test_classify_is_admitted_through_the_same_door(live: LiveServer) -> None:
             assert answer.status_code == 200, answer.text
 
     asyncio.run(scenario())
+
+
+def test_requests_too_large_to_batch_cannot_pile_up_beside_the_queue(tmp_path: Path) -> None:
+    """Requests larger than the largest batch run on their own, outside the batcher's queue;
+    a version still holds no more than a queue and a batch in flight in all."""
+    root = tmp_path / "repo"
+    om.publish(root, "slow", 1, slow_model())
+    settings = {"max_queue_size": "1", "max_batch_size": "2", "inline_max_us": "0"}
+    with start_server(root, access_log="false", **settings) as live:
+        n = iterations_for(live.url, 2.0)
+        large = {"inputs": [{"name": "n", "datatype": "INT64", "shape": [3, 1], "data": [n] * 3}]}
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=live.url, timeout=120) as http:
+                running = [
+                    asyncio.create_task(http.post("/v2/models/slow/infer", json=large))
+                    for _ in range(3)  # 1 queue place + a batch of 2: the version is full
+                ]
+                line = re.compile(
+                    r'^nv_inference_pending_request_count\{model="slow".*\} (\S+)$', re.M
+                )
+                for _ in range(200):
+                    found = line.search((await http.get("/metrics")).text)
+                    if found and float(found.group(1)) == 3:
+                        break
+                    await asyncio.sleep(0.02)
+                else:
+                    raise AssertionError("the large requests were never all in flight")
+                refused = await http.post("/v2/models/slow/infer", json=slow_request(1))
+                assert refused.status_code == 503, refused.text
+                assert "retry-after" in refused.headers
+                for task in running:
+                    answer = await task
+                    assert answer.status_code == 200, answer.text
+                    assert answer.json()["outputs"][0]["data"] == [float(n)] * 3
+
+        asyncio.run(scenario())
