@@ -75,7 +75,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from overload import free_port  # bench/ is this script's folder, first on sys.path
+from overload import free_port, running_service  # bench/ is first on sys.path
 from torch import nn
 
 from service.runtime import RuntimeOptions
@@ -469,29 +469,8 @@ def service_env(
 @contextlib.contextmanager
 def service(env: dict[str, str], log: Path) -> Iterator[int]:
     """`python -m service.main` with `env`, ready; yields its port; stopped afterwards."""
-    port = int(env["FOLDSERVE_PORT"])
-    with log.open("wb") as sink:
-        command = [sys.executable, "-m", "service.main"]
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=sink)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2),
-            ):
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the service is not ready: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-        yield port
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running_service(env, log):
+        yield int(env["FOLDSERVE_PORT"])
 
 
 def service_providers(port: int) -> list[str]:

@@ -293,16 +293,28 @@ def service_process(
         FOLDSERVE_SHUTDOWN_GRACE_S="0",
     )
     env.update({f"FOLDSERVE_{k.upper()}": v for k, v in settings.items()})
+    with running_service(env, log, core=SERVER_CORE) as process:
+        yield process
+
+
+@contextlib.contextmanager
+def running_service(
+    env: dict[str, str], log: Path, core: int | None = None, ready_s: float = 180
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -m service.main` with `env` (FOLDSERVE_PORT says where), pinned to `core` when
+    given and taskset exists, once /v2/health/ready answers; terminated (killed if it must be)
+    afterwards. Shared by the benches that start the service."""
+    port = int(env["FOLDSERVE_PORT"])
     command = [sys.executable, "-m", "service.main"]
-    if shutil.which("taskset"):
-        command = ["taskset", "-c", str(SERVER_CORE), *command]
+    if core is not None and shutil.which("taskset"):
+        command = ["taskset", "-c", str(core), *command]
     with log.open("wb") as sink:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=sink, stderr=sink)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + ready_s
         while True:
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
                 break
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the service is not ready: {log.read_text()[-2000:]}")
@@ -310,7 +322,11 @@ def service_process(
         yield process
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def build(model: str, body: str, work: Path) -> tuple[Path, bytes]:
