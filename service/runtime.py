@@ -326,10 +326,16 @@ def _with_cuda_graph(version: ModelVersion, options: RuntimeOptions) -> None:
     if not cuda_graph.qualifies(version.inputs + version.outputs):
         logger.info("model %s: dynamic or string shapes, so no CUDA graph", version.name)
         return
-    version.session = _session(version.path, options, cuda_graph=True)
-    version.graph = cuda_graph.CudaGraph(
-        version.session, version.inputs, version.outputs, options.device_id
-    )
+    try:
+        session = _session(version.path, options, cuda_graph=True)
+        graph = cuda_graph.CudaGraph(session, version.inputs, version.outputs, options.device_id)
+        graph.run({s.name: _zeros(s) for s in version.inputs}, version.output_names)  # capture
+    except Exception as exc:  # e.g. a node ONNX Runtime places on the CPU: no graph can hold it
+        logger.warning(
+            "model %s: no CUDA graph (%s); serving it without one", version.name, _first_line(exc)
+        )
+        return
+    version.session, version.graph = session, graph
 
 
 def load_version(name: str, version: int, path: Path, options: RuntimeOptions) -> ModelVersion:
