@@ -99,7 +99,8 @@ async def model_metadata(
     """Inputs and outputs from the graph; labels and the exporter's record from its metadata."""
     model = services.manager.resolve(name, version)
     entry = services.manager.entry_or_none(name)
-    parameters: dict[str, Any] = {"version": str(model.version)}
+    # Where it runs: the execution providers ONNX Runtime actually uses, in order.
+    parameters: dict[str, Any] = {"version": str(model.version), "providers": model.providers}
     if model.metadata is not None:
         parameters["labels"] = list(model.metadata.labels)
         parameters["foldserve"] = dataclasses.asdict(model.metadata)

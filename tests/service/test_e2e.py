@@ -60,6 +60,7 @@ def test_model_metadata_from_graph_and_metadata_props(client) -> None:
     assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
     assert meta["parameters"]["labels"] == [str(i) for i in range(10)]
+    assert meta["parameters"]["providers"][-1] == "CPUExecutionProvider"  # where it runs
     typed = client.get_model_metadata("typed", "1")
     assert {t["datatype"] for t in typed["inputs"]} == set(om.TYPED)
 

@@ -48,6 +48,8 @@ def test_auto_serves_on_cuda_and_reports_it(tmp_path: Path) -> None:
         runtime = config["runtime"]
         assert runtime["providers"][0] == "CUDAExecutionProvider"
         assert config["instance_group"][0]["kind"] == "KIND_GPU"
+        metadata = httpx.get(f"{live.url}/v2/models/digits", timeout=10).json()
+        assert metadata["parameters"]["providers"][0] == "CUDAExecutionProvider"
         cuda_options = runtime["provider_options"]["CUDAExecutionProvider"]
         assert cuda_options["cudnn_conv_algo_search"] == "HEURISTIC"
         tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32"}
