@@ -24,20 +24,17 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from foldserve.repository_layout import MODEL_FILE, NAME_RULE, valid_name
 from service.errors import BadRequestError, describe_validation
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
-# The same rule the exporter applies when it writes a model (training/repository.py).
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_VERSION = 2**63 - 1
 
 
@@ -113,11 +110,8 @@ class ModelConfig(_Strict):
 
 def check_name(name: str) -> str:
     """A model name from a URL or the disk, or `BadRequestError` saying what a name may be."""
-    if not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise BadRequestError(
-            f"invalid model name {name[:140]!r}: use letters, digits, '_', '-' and '.', starting "
-            "with a letter or digit (at most 128 characters)"
-        )
+    if not valid_name(name):
+        raise BadRequestError(f"invalid model name {name[:140]!r}: {NAME_RULE}")
     return name
 
 
@@ -158,9 +152,7 @@ def _warn_outside(path: str) -> None:
 def scan(root: Path) -> list[str]:
     """Model names in the repository: folders with a valid name that stay inside it, sorted."""
     return sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and NAME_PATTERN.fullmatch(p.name) and _inside(root, p)
+        p.name for p in root.iterdir() if p.is_dir() and valid_name(p.name) and _inside(root, p)
     )
 
 

@@ -9,26 +9,20 @@ next export clears away once it is an hour old.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from foldserve.repository_layout import MODEL_FILE, NAME_RULE, valid_name
 from training.atomic import FILE_MODE, TEMP_PREFIX, fsync_dir
 from training.errors import ExportError
-
-MODEL_FILE = "model.onnx"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 def check_name(name: str) -> str:
     """Model names become folder names: no separators, no dot-dot, nothing hidden."""
-    if not NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise ExportError(
-            f"invalid model name {name!r}: use letters, digits, '_', '-' and '.', starting with "
-            "a letter or digit (at most 128 characters)"
-        )
+    if not valid_name(name):
+        raise ExportError(f"invalid model name {name!r}: {NAME_RULE}")
     return name
 
 
