@@ -29,6 +29,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from tests.training.test_train import StopRunError, stop_after
 from training import distributed
 from training.bn_stats import recalibrate_bn
 from training.checkpoint import load_checkpoint
@@ -72,18 +73,6 @@ def image_folder(root: Path, classes: int = 3, per_class: int = 16) -> Path:
             pixels = rng.integers(0, 100, (8, 8)) + 70 * c
             Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
     return root
-
-
-class StopRunError(Exception):
-    pass
-
-
-def stop_after(epoch: int):
-    def on_epoch(record: dict) -> None:
-        if record["epoch"] == epoch:
-            raise StopRunError
-
-    return on_epoch
 
 
 def _worker(rank: int, port: int, data: str, out: str) -> None:
