@@ -1,7 +1,8 @@
 """Benchmark: `fold-onnx` against the ONNX optimisers a user would reach for instead.
 
 Not a test. For every registry model's *unfolded* export (BatchNormalization nodes kept, random
-per-channel statistics) and every file in ../shared/onnx-cases, run:
+per-channel statistics) and every file of the third-party ONNX corpus (``FOLDSERVE_ONNX_CASES``,
+default ../shared/onnx-cases; see bench/onnx_cases.py), run:
 
 - ours: `training.onnx_fold.fold_onnx`
 - onnxscript: `onnxscript.optimizer.optimize` + `onnxscript.rewriter.rewrite` (what
@@ -28,19 +29,18 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnx_cases import missing_reason, onnx_case_files  # bench/ is first on sys.path
 
 from training import models
 from training.bn_stats import randomize_bn_statistics
 from training.export import batchnorm_nodes, export_onnx
 from training.onnx_fold import fold_onnx, verify_onnx_fold
 
-CASES = Path(__file__).resolve().parents[1].parent / "shared" / "onnx-cases"
 BENCH_CONFIGS = {
     "mlp": {},
     "digits_cnn": {},
@@ -60,7 +60,10 @@ def registry_cases() -> dict[str, tuple[onnx.ModelProto, tuple[int, ...]]]:
 
 
 def file_cases() -> dict[str, onnx.ModelProto]:
-    return {f"onnx-cases/{p.parent.name}": onnx.load(p) for p in sorted(CASES.glob("*/model.onnx"))}
+    files = onnx_case_files()
+    if not files:
+        print(f"note: {missing_reason()}; measuring the registry models only")
+    return {f"onnx-cases/{p.parent.name}": onnx.load(p) for p in files}
 
 
 # --------------------------------------------------------------------------- the tools

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from service.onnx_scan import WireError, training_batchnorms
-from tests.conftest import SHARED_ONNX_CASES
 from tests.service import onnx_models as om
 
 
@@ -35,9 +36,8 @@ def test_corrupt_bytes_raise() -> None:
         training_batchnorms(b"\x0a\xff\xff\xff\xff\x0f")
 
 
-@pytest.mark.skipif(not SHARED_ONNX_CASES.is_dir(), reason="no shared ONNX cases")
-def test_third_party_files_parse() -> None:
-    for path in sorted(SHARED_ONNX_CASES.rglob("*.onnx"))[:10]:
+def test_third_party_files_parse(onnx_cases: Path) -> None:
+    for path in sorted(onnx_cases.rglob("*.onnx"))[:10]:
         model = onnx.load(str(path), load_external_data=False)
         expected = sum(
             1

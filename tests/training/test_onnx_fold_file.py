@@ -21,7 +21,6 @@ from training.onnx_fold import (
     verify_onnx_fold,
 )
 
-SHARED_ONNX_CASES = Path(__file__).resolve().parents[2].parent / "shared" / "onnx-cases"
 F32 = TensorProto.FLOAT
 
 
@@ -55,8 +54,8 @@ def conv_bn(channels: int = 8, seed: int = 0) -> onnx.ModelProto:
     return model
 
 
-def test_folds_a_real_file_and_leaves_the_input_alone(tmp_path):
-    source = SHARED_ONNX_CASES / "trt-polygraphy-residual-block" / "model.onnx"
+def test_folds_a_real_file_and_leaves_the_input_alone(tmp_path, onnx_cases):
+    source = onnx_cases / "trt-polygraphy-residual-block" / "model.onnx"
     before = digest(source)
     report = fold_onnx_file(source, tmp_path / "out" / "folded.onnx")
     assert digest(source) == before
@@ -70,8 +69,8 @@ def test_folds_a_real_file_and_leaves_the_input_alone(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["folded.onnx"]  # no temp files
 
 
-def test_nothing_foldable_is_written_unchanged_and_says_why(tmp_path):
-    source = SHARED_ONNX_CASES / "pinto-batchnorm1d-training-mode" / "model.onnx"
+def test_nothing_foldable_is_written_unchanged_and_says_why(tmp_path, onnx_cases):
+    source = onnx_cases / "pinto-batchnorm1d-training-mode" / "model.onnx"
     report = fold_onnx_file(source, tmp_path / "same.onnx")
     assert not report.changed
     assert "nothing folded" in str(report)
