@@ -15,7 +15,12 @@
 #          image then serves the exported model from that folder.
 #
 # Environment: TORCH_WHEELS (folder with torch-<pin>+cpu-*.whl, default /opt/wheels),
-# CONTAINER_BASES (the stand-in script), KEEP=1 keeps the work folder.
+# CONTAINER_BASES (the stand-in script, default ../shared/tools/container-bases.sh), KEEP=1 keeps
+# the work folder, SKIP_TRAIN_IMAGE=1 leaves the train image out (refused when CI is set).
+#
+# Order on a new machine: check the inputs (each missing one fails at once, in one line), run
+# the stand-in script (it installs buildah, podman and debootstrap, then makes the base images),
+# check the tools it installed, and only then build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -139,11 +144,29 @@ serve_and_check() { # image label
   echo "exited 0"
 }
 
-command -v buildah >/dev/null && command -v podman >/dev/null ||
-  fail "buildah and podman are needed (the stand-in script installs them: $BASES)"
+# ------------------------------------------------------------------ inputs, tools, base images
+[ -f "$BASES" ] || fail "no stand-in script at $BASES (set CONTAINER_BASES; see ../shared/CONTAINERS.md)"
+pin=$(sed -n 's/^torch==//p' constraints.txt)
+[ -n "$pin" ] || fail "constraints.txt pins no torch version"
+wheel_dir=${TORCH_WHEELS:-/opt/wheels}
+wheel=""
+if [ -n "${SKIP_TRAIN_IMAGE:-}" ]; then
+  [ -z "${CI:-}" ] || fail "SKIP_TRAIN_IMAGE is set, but CI must build and run every image"
+  echo "image-test: the train image is left out (SKIP_TRAIN_IMAGE)"
+else
+  [ -d "$wheel_dir" ] || fail "no torch wheel folder $wheel_dir (set TORCH_WHEELS to a folder holding torch-$pin+cpu-*.whl, or SKIP_TRAIN_IMAGE=1 outside CI)"
+  wheel=$(find "$wheel_dir" -maxdepth 1 -name "torch-$pin+cpu-*.whl" | head -1)
+  [ -n "$wheel" ] || fail "no torch-$pin+cpu-*.whl in $wheel_dir: without it the train image would download PyPI's multi-GB CUDA torch"
+fi
+[ "$(id -u)" = 0 ] || fail "needs root: buildah runs with chroot isolation and the stand-in script installs packages"
 
-log "base images (local stand-ins)"
-if [ -x "$BASES" ]; then "$BASES"; else echo "no $BASES: using the base images already present"; fi
+log "base images (local stand-ins; installs buildah, podman and debootstrap if missing)"
+bash "$BASES" || fail "the stand-in script $BASES failed"
+for tool in buildah podman; do
+  command -v "$tool" >/dev/null || fail "$tool is still missing after $BASES"
+done
+podman image exists docker.io/library/python:3.11-slim ||
+  fail "no python:3.11-slim stand-in after $BASES"
 
 # ------------------------------------------------------------------ serving images
 build cpu foldserve:cpu
@@ -159,10 +182,8 @@ sys.exit("CUDAExecutionProvider" not in ort.get_available_providers())' ||
 serve_and_check foldserve:gpu-nocuda gpu
 
 # ------------------------------------------------------------------ training image
-pin=$(sed -n 's/^torch==//p' constraints.txt)
-wheel=$(find "${TORCH_WHEELS:-/opt/wheels}" -maxdepth 1 -name "torch-$pin+cpu-*.whl" 2>/dev/null | head -1)
 if [ -z "$wheel" ]; then
-  log "train: SKIPPED: no torch-$pin+cpu wheel in ${TORCH_WHEELS:-/opt/wheels}; without it the build would download PyPI's multi-GB CUDA torch"
+  log "image-test: cpu and gpu checks passed; train left out (SKIP_TRAIN_IMAGE)"
   exit 0
 fi
 cp -u "$wheel" deploy/wheels/
