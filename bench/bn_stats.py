@@ -3,7 +3,7 @@
 Not a test: it prints figures to record in bench/README.md. Every run is the default training
 run (`digits_cnn` on the bundled digits, 20 epochs, AdamW one-cycle, batch 64) with only the
 population statistics changed, so accuracy differences come from the statistics inference uses.
-The last part trains the same seed with `bn_impl=reference` (training.batchnorm's hand-written
+The last part trains the same seed with `bn_impl=reference` (training.bn.reference's hand-written
 forward and backward) and with nn.BatchNorm2d: the issue's bar is the same accuracy within 0.5
 points. One seed cannot show that: float32 training is chaotic, and the two BNs round
 differently by one ulp, so each seed's accuracy moves by a few validation examples (0.28 points

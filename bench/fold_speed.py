@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.ao.quantization import fuse_modules
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
-from training.bn_stats import randomize_bn_statistics
+from training.bn.layers import randomize_bn_statistics
 from training.fold import fold_model
 from training.models import MODELS
 

@@ -79,7 +79,7 @@ from overload import free_port, running_service  # bench/ is first on sys.path
 from torch import nn
 
 from service.runtime import RuntimeOptions
-from training.bn_stats import randomize_bn_statistics
+from training.bn.layers import randomize_bn_statistics
 from training.export import (
     INPUT_NAME,
     OUTPUT_NAME,

@@ -37,7 +37,7 @@ import torch
 from onnx_cases import missing_reason, onnx_case_files  # bench/ is first on sys.path
 
 from training import models
-from training.bn_stats import randomize_bn_statistics
+from training.bn.layers import randomize_bn_statistics
 from training.export import batchnorm_nodes, export_onnx
 from training.onnx_fold import fold_onnx, verify_onnx_fold
 

@@ -13,7 +13,7 @@ gradients). What this module adds to PyTorch's pieces, and why:
   against a single process, and a resumed run identical to an uninterrupted one.
 - **Losses are scaled by the global batch**, so DDP's average of the ranks' gradients is the
   gradient of the global mean even when the last batch splits unevenly.
-- **SyncBN**: training.sync_batchnorm's on the CPU (nn.SyncBatchNorm refuses CPU tensors), and
+- **SyncBN**: training.bn.sync's on the CPU (nn.SyncBatchNorm refuses CPU tensors), and
   nn.SyncBatchNorm on GPUs unless a population-statistics policy needs the global batch's
   statistics (the window does; only ours reports them). Conversion back restores each BN's
   original class, so the model returned, saved and folded is the one the registry builds.
@@ -35,9 +35,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from training.batchnorm import rebuild_batchnorm, replace_batchnorms
+from training.bn.reference import rebuild_batchnorm, replace_batchnorms
+from training.bn.sync import SyncBatchNorm
 from training.errors import ConfigError, TrainingError
-from training.sync_batchnorm import SyncBatchNorm
 
 T = TypeVar("T")
 

@@ -38,7 +38,7 @@ from torch import nn
 from foldserve import __version__
 from foldserve.model_metadata import InputSpec, ModelMetadata, OutputSpec
 from training import repository
-from training.bn_stats import require_eval_mode
+from training.bn.layers import require_eval_mode
 from training.data import DataInfo
 from training.errors import ExportError, ExportVerificationError
 from training.fold import FoldReport, fold_model

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.batchnorm import use_batchnorm_impl
+from training.bn.reference import use_batchnorm_impl
 from training.errors import ConfigError, UnknownModelError
 
 
@@ -98,7 +98,7 @@ class MLPConfig:
     hidden: tuple[int, ...] = (128, 64)
     num_classes: int = 10
     batch_norm: bool = True
-    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
+    bn_impl: str = "torch"  # "reference": training.bn.reference's hand-written BN
 
 
 class LinearBlock(nn.Module):
@@ -150,7 +150,7 @@ class CNNConfig:
     widths: tuple[int, ...] = (32, 64)
     num_classes: int = 10
     batch_norm: bool = True
-    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
+    bn_impl: str = "torch"  # "reference": training.bn.reference's hand-written BN
 
 
 class ConvBlock(nn.Module):
@@ -232,7 +232,7 @@ class ResNetConfig:
     imagenet_stem: bool = True
     image_size: int = 224
     batch_norm: bool = True
-    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
+    bn_impl: str = "torch"  # "reference": training.bn.reference's hand-written BN
 
 
 class BasicBlock(nn.Module):
@@ -332,7 +332,7 @@ class MobileNetConfig:
         (1024, 2),
     )
     batch_norm: bool = True
-    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
+    bn_impl: str = "torch"  # "reference": training.bn.reference's hand-written BN
 
 
 class DepthwiseSeparable(nn.Module):
@@ -389,7 +389,7 @@ class PreActConfig:
     widths: tuple[int, ...] = (32, 64)
     num_classes: int = 10
     batch_norm: bool = True
-    bn_impl: str = "torch"  # "reference": training.batchnorm's hand-written BN
+    bn_impl: str = "torch"  # "reference": training.bn.reference's hand-written BN
 
 
 class PreActBlock(nn.Module):

@@ -33,13 +33,14 @@ from torch.nn import functional as F
 
 from training import distributed, models
 from training.atomic import atomic_write_text
-from training.bn_stats import recalibrate_bn, require_eval_mode
+from training.bn.layers import require_eval_mode
+from training.bn.population import StatsHandle, Window, parse_bn_stats
+from training.bn.recalibrate import recalibrate_bn
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import DataInfo, Split, load_source, make_split
 from training.distributed import SINGLE, World
 from training.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from training.plots import plot_history
-from training.population_stats import StatsHandle, Window, parse_bn_stats
 
 log = logging.getLogger(__name__)
 

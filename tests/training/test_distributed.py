@@ -31,7 +31,8 @@ from torch import nn
 
 from tests.training.test_train import StopRunError, stop_after
 from training import distributed
-from training.bn_stats import recalibrate_bn
+from training.bn.recalibrate import recalibrate_bn
+from training.bn.sync import SyncBatchNorm
 from training.checkpoint import load_checkpoint
 from training.data import load_source, make_split
 from training.distributed import World
@@ -39,7 +40,6 @@ from training.errors import ConfigError
 from training.export import export_checkpoint
 from training.fold import fold_model
 from training.models import build_model
-from training.sync_batchnorm import SyncBatchNorm
 from training.train import TrainConfig, load_trained_model, tensors, train, validation_data
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ import torch
 from foldserve.model_metadata import ModelMetadata
 from tests.training.test_models import SMALL
 from training import models, repository
-from training.bn_stats import randomize_bn_statistics
+from training.bn.layers import randomize_bn_statistics
 from training.errors import ExportError, ExportVerificationError
 from training.export import (
     batchnorm_nodes,

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from training.bn_stats import randomize_bn_statistics
+from training.bn.layers import randomize_bn_statistics
 from training.export import batchnorm_nodes, export_onnx, fold_for_dtype
 from training.fold import fold_model
 from training.models import build_model

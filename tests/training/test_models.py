@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from training import models
-from training.bn_stats import randomize_bn_statistics
+from training.bn.layers import randomize_bn_statistics
 from training.errors import ConfigError, UnknownModelError
 
 # Small configurations keep ResNet-18 and MobileNet fast; the defaults are checked separately.

@@ -246,7 +246,7 @@ def test_bad_bn_stats_fail_before_any_work():
 
 
 def test_reference_bn_is_a_model_option(tmp_path):
-    from training.batchnorm import ReferenceBatchNorm1d
+    from training.bn.reference import ReferenceBatchNorm1d
 
     cfg = TrainConfig(
         **(TINY | {"epochs": 2, "model_options": {"hidden": (16,), "bn_impl": "reference"}}),

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from training import models
-from training.batchnorm import (
+from training.bn.layers import randomize_bn_statistics
+from training.bn.reference import (
     BatchNormInference,
     BatchNormTrain,
     ReferenceBatchNorm1d,
@@ -20,7 +21,6 @@ from training.batchnorm import (
     batch_norm,
     use_batchnorm_impl,
 )
-from training.bn_stats import randomize_bn_statistics
 from training.errors import ConfigError
 from training.export import batchnorm_nodes, export_onnx
 from training.fold import fold_model

@@ -1,7 +1,7 @@
 """BatchNorm whose batch is the union of every process's batch, on gloo (CPU) as well as NCCL.
 
 PyTorch's `nn.SyncBatchNorm` refuses CPU tensors, so data-parallel training on CPUs could not
-normalise over the global batch. The maths of training.batchnorm needs only per-channel sums
+normalise over the global batch. The maths of training.bn.reference needs only per-channel sums
 from the other processes, so this module all-reduces exactly those:
 
 - forward: one all-reduce of [Σx, Σx², m] per channel (m the value count, so ranks may hold
@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from training.batchnorm import (
+from training.bn.reference import (
     channel_dims,
     gradient_sums,
     input_grad_train,

@@ -1,11 +1,11 @@
-"""Population statistics for BatchNorm, and the guard against evaluating in training mode.
+"""Recalibration: BatchNorm's population statistics recomputed in one pass, weights frozen.
 
 In training mode BN normalises with the mini-batch's own mean and variance; at inference it must
 use fixed population statistics. PyTorch keeps those as an exponential moving average (EMA) of the
 batch statistics, weighted towards the last few hundred steps. `recalibrate_bn` recomputes them in
 one pass over the training set with the weights frozen, as the cumulative (equal-weight) average of
 per-batch means and unbiased variances, which is what PyTorch does when `momentum=None`. The
-averages themselves are training.population_stats' policies, the ones `--bn-stats` chooses for
+averages themselves are training.bn.population's policies, the ones `--bn-stats` chooses for
 training, so recalibration and training cannot disagree on what "the average" means.
 """
 
@@ -16,24 +16,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from training.errors import TrainingModeError
-from training.population_stats import (
-    Cumulative,
-    PopulationStats,
-    batchnorms,
-    tracked_batchnorms,
-)
-
-
-def require_eval_mode(model: nn.Module, purpose: str) -> None:
-    """Refuse, loudly, the classic BN bug: inference in training mode uses batch statistics."""
-    training = [name or "<root>" for name, m in batchnorms(model) if m.training]
-    if training:
-        raise TrainingModeError(
-            f"cannot {purpose}: BatchNorm layers {', '.join(training[:5])}"
-            f"{' …' if len(training) > 5 else ''} are in training mode and would normalise with "
-            "each batch's own statistics instead of the running ones; call model.eval() first"
-        )
+from training.bn.layers import tracked_batchnorms
+from training.bn.population import Cumulative, PopulationStats
 
 
 @torch.no_grad()
@@ -67,23 +51,3 @@ def recalibrate_bn(
     finally:
         model.train(was_training)
     return seen
-
-
-@torch.no_grad()
-def randomize_bn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN its own per-channel statistics and affine parameters, reproducibly.
-
-    A freshly built BN is an identity map (mean 0, variance 1, gamma 1, beta 0), which hides
-    per-channel and per-group layout mistakes in a fold; tests and benchmarks randomise first.
-    The model's mode is left as it was.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for _, bn in batchnorms(model):
-        n = bn.num_features
-        if bn.running_mean is not None:
-            bn.running_mean.copy_(torch.randn(n, generator=generator))
-            bn.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-        if bn.affine:
-            bn.weight.copy_(torch.randn(n, generator=generator))
-            bn.bias.copy_(torch.randn(n, generator=generator))
-    return model

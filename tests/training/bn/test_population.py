@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from training import models
-from training.batchnorm import use_batchnorm_impl
-from training.bn_stats import recalibrate_bn
+from training.bn.population import EMA, Cumulative, Window, parse_bn_stats
+from training.bn.recalibrate import recalibrate_bn
+from training.bn.reference import use_batchnorm_impl
 from training.errors import ConfigError
-from training.population_stats import EMA, Cumulative, Window, parse_bn_stats
 from training.train import TrainConfig, evaluate, make_optimizer, train_epoch
 
 Stats = list[tuple[np.ndarray, np.ndarray]]  # per training forward: (mean, unbiased variance)

@@ -19,10 +19,10 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from training.batchnorm import ReferenceBatchNorm2d
+from training.bn.population import parse_bn_stats
+from training.bn.reference import ReferenceBatchNorm2d
+from training.bn.sync import SyncBatchNorm, SyncBatchNormTrain, convert_sync_batchnorm
 from training.fold import fold_model
-from training.population_stats import parse_bn_stats
-from training.sync_batchnorm import SyncBatchNorm, SyncBatchNormTrain, convert_sync_batchnorm
 
 ROWS = (5, 3)  # examples per rank: uneven on purpose
 STEPS = 3

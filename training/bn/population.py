@@ -8,7 +8,7 @@ statistics, an average of the batch ones. Three averages, chosen with `--bn-stat
 - `window:<N>`: the plain average of the last N batches' statistics, a moving average that
   forgets everything older at once.
 - `cumulative`: the plain average over every batch of training (PyTorch's `momentum=None`);
-  `recalibrate_bn` in training.bn_stats uses it over one pass with the weights frozen.
+  `recalibrate_bn` in training.bn.recalibrate uses it over one pass with the weights frozen.
 
 Every average takes the batch mean and the *unbiased* batch variance, as PyTorch does, so the
 folded weights match PyTorch's. EMA and cumulative are PyTorch's own update (a momentum
@@ -29,20 +29,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
 
+from training.bn.layers import tracked_batchnorms
+from training.bn.reference import channel_dims
 from training.errors import ConfigError
 
 DEFAULT_MOMENTUM = 0.1  # PyTorch's
 CHOICES = "ema, ema:<momentum in (0, 1]>, window:<N ≥ 1> or cumulative"
-
-
-def batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """Every BatchNorm, any subclass of PyTorch's `_BatchNorm` included."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
-
-
-def tracked_batchnorms(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
-    """The BatchNorms that keep running statistics: the only ones a policy can steer."""
-    return [(name, m) for name, m in batchnorms(model) if m.track_running_stats]
 
 
 # --------------------------------------------------------------------------- the handle
@@ -180,7 +172,7 @@ def batch_statistics(bn: _BatchNorm, x: Tensor) -> tuple[Tensor, Tensor]:
     reported = getattr(bn, "last_batch_stats", None)
     if reported is not None:
         return reported
-    var, mean = torch.var_mean(x.detach(), dim=(0, *range(2, x.ndim)), correction=1)
+    var, mean = torch.var_mean(x.detach(), dim=channel_dims(x), correction=1)
     return mean, var
 
 

@@ -1,13 +1,11 @@
-"""Population statistics: recalibration is the cumulative average; eval-mode guard is loud."""
+"""Recalibration is the cumulative average of batch statistics, with weights and modes untouched."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
-from training.bn_stats import recalibrate_bn, require_eval_mode
-from training.errors import TrainingModeError
+from training.bn.recalibrate import recalibrate_bn
 
 
 def test_recalibration_is_the_cumulative_average_of_batch_statistics():
@@ -44,10 +42,3 @@ def test_recalibration_leaves_dropout_in_eval_mode():
 def test_batches_of_one_are_skipped():
     model = nn.Sequential(nn.BatchNorm1d(2))
     assert recalibrate_bn(model, [torch.randn(1, 2), torch.randn(4, 2)]) == 1
-
-
-def test_eval_guard_names_the_classic_mistake():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
-    with pytest.raises(TrainingModeError, match=r"\b1\b.*batch's own statistics.*model.eval\(\)"):
-        require_eval_mode(model, "export")
-    require_eval_mode(model.eval(), "export")

@@ -14,7 +14,7 @@ through μ and σ² gives, with g = γ·dy,
 
 and in inference (μ, σ² constants) simply dx = γ·dy/√(σ² + ε). The two reductions Σ dy and
 Σ dy·x̂ are all the backward pass needs from the other examples, which is why the synchronised
-variant (training.sync_batchnorm) only all-reduces those, and reuses these functions.
+variant (training.bn.sync) only all-reduces those, and reuses these functions.
 
 The running statistics follow PyTorch to the bit that matters for folding: they average the
 *unbiased* batch variance σ²·m/(m − 1), although the forward pass normalises with the biased one.
