@@ -595,8 +595,6 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [UsageError]
     for module, name in (
         ("training.errors", "TrainingError"),
-        ("training.onnx_fold_report", "OnnxFoldError"),
-        ("training.fold", "FoldError"),
         ("foldserve.model_metadata", "MetadataError"),
         ("service.settings", "SettingsError"),
     ):

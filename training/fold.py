@@ -30,19 +30,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from training import fold_math
-from training.fold_math import FoldRangeError
+from training.bn.layers import require_eval_mode
+from training.errors import (
+    FoldRangeError,
+    FoldVerificationError,
+    MissingProbeInputError,
+    UntraceableModelError,
+)
 from training.fold_report import (
     Direction,
     Exactness,
     FoldedPair,
-    FoldError,
     FoldReport,
-    FoldVerificationError,
-    MissingProbeInputError,
     ModelCounts,
-    ModelInTrainingModeError,
     SkippedBN,
-    UntraceableModelError,
     Verification,
 )
 from training.fold_verify import DEFAULT_TOLERANCE, Recorder, verify_fold
@@ -81,7 +82,7 @@ def fold_model(
     probe batch with non-zero mean and varied scale is built from ``model.input_shape``.
     ``tolerance`` overrides :data:`DEFAULT_TOLERANCE` for the model's dtype.
     """
-    _require_eval(model)
+    require_eval_mode(model, "fold")
     probe = make_probe(model, probe_batch_size, seed) if example_input is None else example_input
     graph_module = _trace(model)
     reference = copy.deepcopy(graph_module) if verify else None
@@ -132,19 +133,6 @@ def make_probe(model: nn.Module, batch_size: int = 4, seed: int = 0) -> Tensor:
 
 
 # --------------------------------------------------------------------------- set-up
-
-
-def _require_eval(model: nn.Module) -> None:
-    training = [name or "<model>" for name, m in model.named_modules() if m.training]
-    if not training:
-        return
-    bns = [n for n, m in model.named_modules() if m.training and isinstance(m, _BatchNorm)]
-    shown = ", ".join((bns or training)[:4]) + (" ..." if len(bns or training) > 4 else "")
-    raise ModelInTrainingModeError(
-        f"model is in training mode ({shown}): its BatchNorm layers would normalise with "
-        "the statistics of each batch, not their running statistics, so no fold can match "
-        "them. Call model.eval() before folding."
-    )
 
 
 class _FoldTracer(fx.Tracer):
@@ -656,16 +644,10 @@ def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.M
 
 __all__ = [
     "DEFAULT_TOLERANCE",
-    "FoldError",
-    "FoldRangeError",
     "FoldReport",
-    "FoldVerificationError",
     "FoldedPair",
-    "MissingProbeInputError",
     "ModelCounts",
-    "ModelInTrainingModeError",
     "SkippedBN",
-    "UntraceableModelError",
     "Verification",
     "fold_model",
     "make_probe",

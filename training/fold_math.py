@@ -18,12 +18,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from training.errors import FoldRangeError
+
 # A linear layer is a 1×1 convolution with one group, so these helpers treat
 # nn.Linear's (out, in) weight exactly like a kernel-less convolution weight.
-
-
-class FoldRangeError(ValueError):
-    """A folded weight does not fit the layer's dtype (e.g. a near-zero variance in float16)."""
 
 
 def statistics_problem(

@@ -1,7 +1,7 @@
-"""What a fold did: the report, its printing and JSON form, and the folding errors.
+"""What a fold did: the report, its printing and JSON form.
 
 Kept apart from the rewrite so callers (the CLI, the exporter, the ONNX metadata) can read a
-report without the graph machinery, and so the errors, which carry a report, live beside it.
+report without the graph machinery.
 """
 
 from __future__ import annotations
@@ -11,43 +11,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from training.errors import TrainingError, TrainingModeError
-
 Direction = Literal["bn-after", "bn-before"]
 Exactness = Literal["exact", "scale-only"]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class FoldError(TrainingError):
-    """Base class of the folder's errors; the CLI prints any TrainingError as one line."""
-
-
-class ModelInTrainingModeError(FoldError, TrainingModeError):
-    """The model is in training mode, where BatchNorm uses batch statistics."""
-
-
-class MissingProbeInputError(FoldError, ValueError):
-    """No example input was given and the model has no ``input_shape`` to build one from."""
-
-
-class UntraceableModelError(FoldError, ValueError):
-    """torch.fx cannot trace the model (data-dependent control flow, for instance)."""
-
-
-class FoldVerificationError(FoldError, RuntimeError):
-    """The folded model differs from the original by more than the tolerance."""
-
-    def __init__(self, report: FoldReport, check: Verification) -> None:
-        self.report = report
-        self.max_abs_diff = check.max_abs_diff
-        self.worst_layer = check.worst_layer
-        super().__init__(
-            f"folded model differs from the original by {check.max_abs_diff:.3g} "
-            f"(allowed {check.bound:.3g}); worst folded layer: {check.worst_layer} "
-            f"(normalised difference {check.worst_layer_diff:.3g})"
-        )
 
 
 # --------------------------------------------------------------------------- report

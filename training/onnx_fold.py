@@ -13,7 +13,7 @@ The work is split by concept, each module readable in one sitting:
 * `onnx_fold_edit`   — the rewrite mechanics, and the invariants every edit keeps;
 * `onnx_fold_verify` — `verify_onnx_fold`: ONNX Runtime, optimisations off, original vs folded;
 * `onnx_fold_file`   — `fold_onnx_file`: load, fold, check, verify, write atomically;
-* `onnx_fold_report` — the report and the typed errors.
+* `onnx_fold_report` — the report (its errors are in training.errors).
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 from training.onnx_fold_file import fold_onnx_file, load_model, save_model
 from training.onnx_fold_report import (
     FoldedBN,
-    OnnxFoldError,
     OnnxFoldReport,
-    OnnxVerificationError,
     SkippedBN,
     TensorDiff,
     VerificationResult,
@@ -33,9 +31,7 @@ from training.onnx_fold_verify import verify_onnx_fold
 
 __all__ = [
     "FoldedBN",
-    "OnnxFoldError",
     "OnnxFoldReport",
-    "OnnxVerificationError",
     "SkippedBN",
     "TensorDiff",
     "VerificationResult",

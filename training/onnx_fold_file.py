@@ -15,8 +15,9 @@ import numpy as np
 import onnx
 
 from training.atomic import atomic_write_bytes
+from training.errors import OnnxFoldError, OnnxVerificationError
 from training.onnx_fold_graph import tensors_with_data
-from training.onnx_fold_report import OnnxFoldError, OnnxFoldReport, OnnxVerificationError
+from training.onnx_fold_report import OnnxFoldReport
 from training.onnx_fold_rules import fold_onnx
 from training.onnx_fold_verify import verify_onnx_fold
 

@@ -1,4 +1,4 @@
-"""What `fold-onnx` did, and the errors it raises: plain data, readable and JSON-serialisable.
+"""What `fold-onnx` did: plain data, readable and JSON-serialisable.
 
 Every BatchNormalization in the input appears in the report exactly once, either as folded
 (with the node it went into and from which side) or as skipped (with the rule that stopped it),
@@ -12,18 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Direction = Literal["into-producer", "into-consumer"]
-
-
-class OnnxFoldError(Exception):
-    """The model cannot be folded or written as asked (bad path, unsafe external data, ...)."""
-
-
-class OnnxVerificationError(OnnxFoldError):
-    """The folded model does not compute what the original computes, within tolerance."""
-
-    def __init__(self, message: str, result: VerificationResult | None = None) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 @dataclass(frozen=True)

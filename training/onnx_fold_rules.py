@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 
 from training import onnx_fold_math as fm
+from training.errors import OnnxFoldError
 from training.onnx_fold_edit import GraphEdit, NotFoldable, require_finite, require_sole_use
 from training.onnx_fold_graph import (
     FLOAT_DTYPES,
@@ -43,7 +44,7 @@ from training.onnx_fold_graph import (
     subgraphs,
     tensors_with_data,
 )
-from training.onnx_fold_report import FoldedBN, OnnxFoldError, OnnxFoldReport, SkippedBN
+from training.onnx_fold_report import FoldedBN, OnnxFoldReport, SkippedBN
 
 BN = "BatchNormalization"
 # A BN-before-op fold may make the op's input this many times larger (3 bits of precision);

@@ -21,7 +21,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from training.onnx_fold_report import OnnxVerificationError, TensorDiff, VerificationResult
+from training.errors import OnnxVerificationError
+from training.onnx_fold_report import TensorDiff, VerificationResult
 
 DEFAULT_TOLERANCE = 1e-4
 HALF_TOLERANCE = 1e-2  # float16 keeps ~3 decimal digits; a fold reorders its rounding

@@ -25,14 +25,13 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from training import fold_math
-from training.fold import (
-    FoldReport,
+from training.errors import (
     FoldVerificationError,
     MissingProbeInputError,
-    ModelInTrainingModeError,
+    TrainingModeError,
     UntraceableModelError,
-    fold_model,
 )
+from training.fold import FoldReport, fold_model
 from training.models import MODELS
 
 BN_CLASS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
@@ -594,7 +593,7 @@ def test_functional_batch_norm_with_batch_statistics_is_left_alone() -> None:
 
 def test_training_mode_raises_and_names_the_classic_mistake() -> None:
     model = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
-    with pytest.raises(ModelInTrainingModeError, match=r"batch.*model\.eval\(\)") as caught:
+    with pytest.raises(TrainingModeError, match=r"batch.*model\.eval\(\)") as caught:
         fold_model(model, torch.randn(2, 2, 3, 3))
     assert "1" in str(caught.value)  # names the BN that is training
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 from training import fold_math
-from training.fold_math import FoldRangeError
+from training.errors import FoldRangeError
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}

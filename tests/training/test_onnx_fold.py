@@ -17,12 +17,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from training import onnx_fold_math as fm
-from training.onnx_fold import (
-    OnnxFoldError,
-    OnnxFoldReport,
-    fold_onnx,
-    verify_onnx_fold,
-)
+from training.errors import OnnxFoldError
+from training.onnx_fold import OnnxFoldReport, fold_onnx, verify_onnx_fold
 from training.onnx_fold_verify import compare
 
 F32 = TensorProto.FLOAT
