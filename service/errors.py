@@ -81,7 +81,7 @@ class ClientGoneError(ServiceError):
     """The client disconnected while its request waited; nobody reads the answer."""
 
 
-# The one table. Order matters only for subclasses, and there are none among these.
+# The one table. A subclass answers as the nearest class of its ancestry listed here.
 STATUS: dict[type[ServiceError], int] = {
     BadRequestError: HTTPStatus.BAD_REQUEST,
     UnauthorizedError: HTTPStatus.UNAUTHORIZED,
@@ -97,7 +97,13 @@ STATUS: dict[type[ServiceError], int] = {
 
 
 def status_of(exc: ServiceError) -> int:
-    return int(STATUS.get(type(exc), HTTPStatus.INTERNAL_SERVER_ERROR))
+    """The status of the nearest class in `exc`'s ancestry (its method resolution order) that
+    the table lists; 500 for a `ServiceError` nobody mapped."""
+    for cls in type(exc).__mro__:
+        status = STATUS.get(cls)
+        if status is not None:
+            return int(status)
+    return int(HTTPStatus.INTERNAL_SERVER_ERROR)
 
 
 def error_response(

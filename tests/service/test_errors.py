@@ -1,4 +1,5 @@
-"""Each error of the issue's section 5, by status and message, against a live server.
+"""Each error of the issue's section 5, by status and message, against a live server, and the
+table that maps the service's errors to statuses.
 
 After every case the server must still be live and ready, and no body may carry a traceback.
 """
@@ -13,6 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service.errors import (
+    STATUS,
+    NotFoundError,
+    QueueFullError,
+    ServiceError,
+    error_response_for,
+    status_of,
+)
 from tests.service.live import LiveServer, start_server
 
 DIGITS_INPUT = {"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}
@@ -38,6 +47,37 @@ def expect(response: httpx.Response, status: int, fragment: str) -> None:
     assert set(body) >= {"error"}, body
     assert fragment in body["error"], body["error"]
     assert "Traceback" not in response.text
+
+
+class UnknownLabelError(NotFoundError):
+    """A subclass the table does not list: it answers as its parent does."""
+
+
+class NoSuchLabelSetError(UnknownLabelError):
+    """Two levels down."""
+
+
+class QueueTooLongError(QueueFullError):
+    pass
+
+
+class UnmappedError(ServiceError):
+    pass
+
+
+def test_a_subclass_of_a_mapped_error_gets_its_parents_status() -> None:
+    assert UnknownLabelError not in STATUS and NoSuchLabelSetError not in STATUS
+    assert status_of(UnknownLabelError("no label 7")) == 404
+    assert status_of(NoSuchLabelSetError("no labels")) == 404
+    response = error_response_for(UnknownLabelError("no label 7"))
+    assert response.status_code == 404
+    assert json.loads(response.body) == {"error": "no label 7"}
+    queued = error_response_for(QueueTooLongError("full", retry_after_s=3))
+    assert queued.status_code == 503 and queued.headers["retry-after"] == "3"
+
+
+def test_an_error_nobody_mapped_is_a_500() -> None:
+    assert status_of(UnmappedError("surprise")) == 500
 
 
 CASES = [
