@@ -596,7 +596,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     for module, name in (
         ("training.errors", "TrainingError"),
         ("foldserve.model_metadata", "MetadataError"),
-        ("service.settings", "SettingsError"),
+        ("service.errors", "SettingsError"),
     ):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

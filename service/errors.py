@@ -1,9 +1,11 @@
 """The service's exceptions, and the one table that maps each to an HTTP status.
 
 Routes and the modules beneath them raise these and never build error responses themselves:
-`install_handlers` turns every one into `{"error": message}` with the status below, the wire
-format of the Open Inference Protocol. Anything else that escapes is a bug: the access-log
-middleware (`middleware.py`) logs it once, with its traceback, and answers 500 with no trace.
+`install_handlers` turns every `ServiceError` into `{"error": message}` with the status below,
+the wire format of the Open Inference Protocol. The errors after the table never reach a client
+as they are: each is caught where the service expects it and turned into one of the above, or
+into a failed start-up. Anything else that escapes is a bug: the access-log middleware
+(`middleware.py`) logs it once, with its traceback, and answers 500 with no trace.
 """
 
 from __future__ import annotations
@@ -104,6 +106,37 @@ def status_of(exc: ServiceError) -> int:
         if status is not None:
             return int(status)
     return int(HTTPStatus.INTERNAL_SERVER_ERROR)
+
+
+# ---------------------------------------------------------------- caught inside the service
+
+
+class SettingsError(ValueError):
+    """An invalid setting; the message is one line a person can act on. The server does not
+    start (`foldserve serve`, `python -m service.main`)."""
+
+
+class ModelConfigError(ValueError):
+    """A config.json, or a load request's `config`, that does not parse or does not fit the
+    schema; the load that read it fails with `LoadFailedError`."""
+
+
+class VersionLoadError(Exception):
+    """A version that cannot serve; the message is the reason reported in the index, and in the
+    `ModelNotReadyError` or `LoadFailedError` of the requests that wanted it."""
+
+
+class OnnxWireError(ValueError):
+    """The bytes are not a protobuf message (a corrupt or truncated ONNX file); loading the
+    version fails with `VersionLoadError`."""
+
+
+class BodyRefusedError(Exception):
+    """Raised into the app when a body passes a limit while it streams; the answer, 413 or 408,
+    is already sent, and the body-limit middleware swallows this on its way out."""
+
+
+# ---------------------------------------------------------------- responses
 
 
 def error_response(

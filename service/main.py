@@ -31,7 +31,8 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp
 
 from service.app import create_app
-from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
+from service.errors import SettingsError
+from service.settings import ENV_PREFIX, Settings, load_settings
 from service.shutdown import drained
 from service.worker_metrics import ENV as METRICS_DIR_ENV
 from service.worker_metrics import clear_directory

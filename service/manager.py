@@ -19,9 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from service import repository
-from service.errors import LoadFailedError, ModelNotReadyError, NotFoundError, ServiceError
-from service.repository import ConfigError, ModelConfig
-from service.runtime import LoadError, ModelVersion, RuntimeOptions, load_version
+from service.errors import (
+    LoadFailedError,
+    ModelConfigError,
+    ModelNotReadyError,
+    NotFoundError,
+    ServiceError,
+    VersionLoadError,
+)
+from service.repository import ModelConfig
+from service.runtime import ModelVersion, RuntimeOptions, load_version
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +173,7 @@ class ModelManager:
             if config_text is not None:
                 return repository.parse_config(config_text)
             return repository.read_config(self.root, name)
-        except ConfigError as exc:
+        except ModelConfigError as exc:
             raise LoadFailedError(f"invalid configuration for model {name!r}: {exc}") from None
 
     async def _load_versions(
@@ -184,7 +191,7 @@ class ModelManager:
                 fresh[number] = await asyncio.to_thread(
                     load_version, entry.name, number, path, self.options
                 )
-            except LoadError as exc:
+            except VersionLoadError as exc:
                 failures[number] = self._relative(str(exc))
                 logger.error("model %s version %d failed to load: %s", entry.name, number, exc)
         return fresh, failures

@@ -27,16 +27,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import BodyRefusedError
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("service.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
-
-
-class BodyRefusedError(Exception):
-    """Raised into the app when a body passes a limit while it streams (the answer, 413 or 408,
-    is already sent)."""
 
 
 async def _send_json(send: Send, status: int, payload: dict[str, Any], close: bool = False) -> None:

@@ -19,11 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.errors import OnnxWireError
+
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
-
-
-class WireError(ValueError):
-    """The bytes are not a protobuf message (a corrupt or truncated file)."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +34,7 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
-            raise WireError("truncated varint")
+            raise OnnxWireError("truncated varint")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -57,7 +55,7 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
         elif wire == LENGTH:
             size, pos = _varint(buf, pos)
             if pos + size > len(buf):
-                raise WireError("truncated field")
+                raise OnnxWireError("truncated field")
             yield number, wire, buf[pos : pos + size]
             pos += size
         elif wire == FIXED64:
@@ -65,9 +63,9 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, int | memoryview]]:
         elif wire == FIXED32:
             pos += 4
         else:
-            raise WireError(f"unsupported wire type {wire}")
+            raise OnnxWireError(f"unsupported wire type {wire}")
     if pos != len(buf):
-        raise WireError("truncated message")
+        raise OnnxWireError("truncated message")
 
 
 def _messages(buf: memoryview, number: int) -> Iterator[memoryview]:

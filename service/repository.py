@@ -30,16 +30,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from foldserve.repository_layout import MODEL_FILE, NAME_RULE, valid_name
-from service.errors import BadRequestError, describe_validation
+from service.errors import BadRequestError, ModelConfigError, describe_validation
 
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 MAX_VERSION = 2**63 - 1
-
-
-class ConfigError(ValueError):
-    """A config.json that does not parse or does not fit the schema."""
 
 
 class _Strict(BaseModel):
@@ -181,8 +177,8 @@ def read_config(root: Path, name: str) -> ModelConfig:
         return ModelConfig()
     try:
         return parse_config(path.read_text(encoding="utf-8"))
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    except ModelConfigError as exc:
+        raise ModelConfigError(f"{path}: {exc}") from None
 
 
 def parse_config(text: str) -> ModelConfig:
@@ -190,8 +186,8 @@ def parse_config(text: str) -> ModelConfig:
     try:
         return ModelConfig.model_validate(json.loads(text))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"not valid JSON: {exc}") from None
+        raise ModelConfigError(f"not valid JSON: {exc}") from None
     except ValidationError as exc:
-        raise ConfigError(
+        raise ModelConfigError(
             describe_validation(exc.errors()).replace("invalid request", "invalid config")
         ) from None

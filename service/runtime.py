@@ -28,8 +28,9 @@ from foldserve.model_metadata import PREFIX, MetadataError, ModelMetadata
 from service import cuda_graph, datatypes
 from service.batching import Batcher, BatchPolicy
 from service.datatypes import Datatype
-from service.onnx_scan import WireError, check_inference_mode
-from service.settings import Settings, SettingsError
+from service.errors import OnnxWireError, SettingsError, VersionLoadError
+from service.onnx_scan import check_inference_mode
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +39,6 @@ SHORT_PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-
-class LoadError(Exception):
-    """A version that cannot serve; the message is the reason reported in the index."""
 
 
 @dataclass(frozen=True)
@@ -304,9 +301,13 @@ def _check_metadata(meta: ModelMetadata | None, version: ModelVersion) -> None:
     if meta is None:
         return
     if version.input(meta.input.name) is None:
-        raise LoadError(f"the metadata names input {meta.input.name!r}, which the graph lacks")
+        raise VersionLoadError(
+            f"the metadata names input {meta.input.name!r}, which the graph lacks"
+        )
     if version.output(meta.output.name) is None:
-        raise LoadError(f"the metadata names output {meta.output.name!r}, which the graph lacks")
+        raise VersionLoadError(
+            f"the metadata names output {meta.output.name!r}, which the graph lacks"
+        )
 
 
 def _session(path: Path, options: RuntimeOptions, cuda_graph: bool = False) -> ort.InferenceSession:
@@ -339,7 +340,8 @@ def _with_cuda_graph(version: ModelVersion, options: RuntimeOptions) -> None:
 
 
 def load_version(name: str, version: int, path: Path, options: RuntimeOptions) -> ModelVersion:
-    """Check, load and warm up one version; `LoadError` with the reason when it cannot serve.
+    """Check, load and warm up one version; `VersionLoadError` with the reason when it cannot
+    serve.
 
     Blocking (seconds for a large model): call it from a worker thread.
     """
@@ -361,14 +363,16 @@ def load_version(name: str, version: int, path: Path, options: RuntimeOptions) -
         _check_metadata(loaded.metadata, loaded)
         _with_cuda_graph(loaded, options)
         loaded.warmup_us = loaded.warm_up(options.warmup_runs)  # a graph is captured here
-    except LoadError:
+    except VersionLoadError:
         raise
-    except WireError as exc:
-        raise LoadError(f"{path} is not a valid ONNX file ({exc})") from None
+    except OnnxWireError as exc:
+        raise VersionLoadError(f"{path} is not a valid ONNX file ({exc})") from None
     except (OSError, ValueError, MetadataError) as exc:
-        raise LoadError(str(exc)) from None
+        raise VersionLoadError(str(exc)) from None
     except Exception as exc:  # ONNX Runtime raises its own classes, with useful messages
-        raise LoadError(f"ONNX Runtime could not load or run it: {_first_line(exc)}") from None
+        raise VersionLoadError(
+            f"ONNX Runtime could not load or run it: {_first_line(exc)}"
+        ) from None
     return loaded
 
 

@@ -19,12 +19,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.errors import SettingsError
+
 ENV_PREFIX = "FOLDSERVE_"
 MiB = 1 << 20
-
-
-class SettingsError(ValueError):
-    """An invalid setting; the message is one line a person can act on."""
 
 
 def _split_commas(value: Any) -> Any:

@@ -9,9 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.errors import LoadFailedError, ModelNotReadyError, NotFoundError
+from service.errors import LoadFailedError, ModelNotReadyError, NotFoundError, VersionLoadError
 from service.manager import ModelManager
-from service.runtime import LoadError, RuntimeOptions, load_version
+from service.runtime import RuntimeOptions, load_version
 from tests.service import onnx_models as om
 
 OPTIONS = RuntimeOptions(providers=("CPUExecutionProvider",), intra_op_threads=1)
@@ -30,7 +30,7 @@ def test_iobinding_run_equals_session_run() -> None:
 
 def test_training_mode_batchnorm_is_refused(tmp_path: Path) -> None:
     path = om.publish(tmp_path, "bn", 1, om.batchnorm_model(training=True))
-    with pytest.raises(LoadError, match=r"training mode.*'bn1'.*eval mode"):
+    with pytest.raises(VersionLoadError, match=r"training mode.*'bn1'.*eval mode"):
         load_version("bn", 1, path, OPTIONS)
 
 

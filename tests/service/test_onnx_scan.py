@@ -6,7 +6,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from service.onnx_scan import WireError, training_batchnorms
+from service.errors import OnnxWireError
+from service.onnx_scan import training_batchnorms
 from tests.service import onnx_models as om
 
 
@@ -32,7 +33,7 @@ def test_training_bn_inside_a_subgraph_is_found() -> None:
 
 
 def test_corrupt_bytes_raise() -> None:
-    with pytest.raises(WireError):
+    with pytest.raises(OnnxWireError):
         training_batchnorms(b"\x0a\xff\xff\xff\xff\x0f")
 
 

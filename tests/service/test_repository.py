@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from service import repository
-from service.errors import BadRequestError
-from service.repository import ConfigError, VersionPolicy
+from service.errors import BadRequestError, ModelConfigError
+from service.repository import VersionPolicy
 
 
 @pytest.mark.parametrize("name", ["..", "a/b", ".hidden", "", "a" * 129, "a..b", "x\x00"])
@@ -62,7 +62,7 @@ def test_version_policies(policy: dict, selected: list[int]) -> None:
     ],
 )
 def test_config_errors_name_the_field(text: str, fragment: str) -> None:
-    with pytest.raises(ConfigError, match=fragment):
+    with pytest.raises(ModelConfigError, match=fragment):
         repository.parse_config(text)
 
 

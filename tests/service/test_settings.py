@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from service.errors import SettingsError
 from service.runtime import resolve_providers
-from service.settings import SettingsError, cli_options, load_settings
+from service.settings import cli_options, load_settings
 
 
 def test_environment_then_overrides(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
