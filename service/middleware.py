@@ -27,7 +27,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyRefusedError
+from service.errors import BodyRefusedError, ClientGoneError
 from service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -150,10 +150,6 @@ class _BodyGuard:
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-class _ClientGoneError(Exception):
-    """The client left while its compressed body was being read: nobody to answer."""
-
-
 class DecompressMiddleware:
     """Inflates a gzip or deflate request body before the app sees it, up to `max_bytes`."""
 
@@ -173,7 +169,7 @@ class DecompressMiddleware:
             return
         try:
             body = await self._inflate(receive, zlib.decompressobj(wbits))
-        except _ClientGoneError:
+        except ClientGoneError:  # left while its compressed body was being read: nobody to answer
             return
         except zlib.error as exc:
             message = f"the body is not valid {encoding.strip().lower()} data: {exc}"
@@ -205,7 +201,7 @@ class DecompressMiddleware:
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGoneError
+                raise ClientGoneError("the client disconnected while sending the body")
             more = message.get("more_body", False)
             pending = message.get("body", b"")
             while pending:
