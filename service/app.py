@@ -19,7 +19,7 @@ from starlette.types import ASGIApp
 from foldserve import __version__
 from service.deps import Services
 from service.errors import install_handlers
-from service.inference import Executor
+from service.executor import Executor
 from service.manager import ModelManager
 from service.metrics import Metrics
 from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, DecompressMiddleware

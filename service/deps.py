@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.errors import UnauthorizedError
-from service.inference import Executor
+from service.executor import Executor
 from service.manager import ModelManager
 from service.metrics import Metrics
 from service.protocol import Limits

@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from service.errors import InferenceFailedError
-from service.inference import Executor
+from service.executor import Executor
 from service.metrics import Metrics
 from service.runtime import ModelVersion, RuntimeOptions, load_version
 from service.stats import StatsBook
