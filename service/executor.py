@@ -100,7 +100,7 @@ class Executor:
         try:
             yield tracking
         except ServiceError as exc:
-            record.record_failure(time.perf_counter_ns() - start, _REASONS.get(type(exc), OTHER))
+            record.record_failure(time.perf_counter_ns() - start, _reason(exc))
             raise
         except BaseException:
             record.record_failure(time.perf_counter_ns() - start, OTHER)
@@ -177,6 +177,11 @@ class Executor:
             raise _backend_error(model, exc) from None
         self.stats.of(model.name, model.version).record_execution(rows, timings)
         return outputs, timings.start_ns
+
+
+def _reason(exc: ServiceError) -> str:
+    """Triton's failure reason for `exc`: that of the nearest class of its ancestry listed."""
+    return next((_REASONS[c] for c in type(exc).__mro__ if c in _REASONS), OTHER)
 
 
 def _backend_error(model: ModelVersion, exc: Exception) -> ServiceError:

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.errors import InferenceFailedError
+from service.errors import InferenceFailedError, QueueFullError
 from service.executor import Executor
 from service.metrics import Metrics
 from service.runtime import ModelVersion, RuntimeOptions, load_version
-from service.stats import StatsBook
+from service.stats import REJECTED, StatsBook
 from tests.service import onnx_models as om
 from tests.service.live import LiveServer, start_server
 
@@ -195,3 +195,18 @@ def test_an_exception_raised_by_the_runtime_is_an_internal_error(tmp_path: Path)
         asyncio.run(executor.run(version, feeds, ["y"], 1))
     assert caught.value.message.startswith("internal error")
     assert "kernel.cu" not in caught.value.message and "kernel.cu" in caught.value.detail
+
+
+def test_a_subclass_of_a_mapped_error_is_counted_under_its_parents_reason(tmp_path: Path) -> None:
+    """The failure reasons behind /stats and /metrics follow the class hierarchy, as statuses do."""
+
+    class LateRefusalError(QueueFullError):
+        pass
+
+    path = om.publish(tmp_path, "m", 1, om.affine_model())
+    version = load_version("m", 1, path, RuntimeOptions(("CPUExecutionProvider",)))
+    stats = StatsBook()
+    executor = Executor(stats, Metrics(stats))
+    with pytest.raises(LateRefusalError), executor.track(version):
+        raise LateRefusalError("full")
+    assert stats.of("m", 1).failures == {REJECTED: 1}
