@@ -37,7 +37,7 @@ from torch import nn
 
 from foldserve import __version__
 from foldserve.model_metadata import InputSpec, ModelMetadata, OutputSpec
-from training import repository
+from training import repository, tolerances
 from training.bn.layers import require_eval_mode
 from training.data import DataInfo
 from training.errors import ExportError, ExportVerificationError
@@ -49,12 +49,8 @@ log = logging.getLogger(__name__)
 OPSET = 18
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-DEFAULT_TOLERANCE = 1e-4
 # Compute dtypes an export can target; inputs and outputs stay float32 in every case.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Allowed max |diff| per unit of (1 + max|y|) against the unfolded float32 model, by dtype:
-# fp16 keeps 11 significant bits, bf16 8, so their outputs can only agree to that precision.
-DTYPE_TOLERANCE = {"fp32": DEFAULT_TOLERANCE, "fp16": 1e-2, "bf16": 6e-2}
 # Verification runs these batch sizes first, so a broken dynamic batch axis shows up.
 CHECK_BATCHES = (1, 7, 64)
 
@@ -197,11 +193,15 @@ def verify_against_torch(
     reference: nn.Module,
     x: np.ndarray,
     y: np.ndarray,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
 ) -> dict[str, Any]:
-    """Run the file in ONNX Runtime and the unfolded model in PyTorch on the same data."""
+    """Run the file in ONNX Runtime and the unfolded model in PyTorch on the same data.
+
+    `tolerance` defaults to training.tolerances' float32 entry for "export".
+    """
     import onnxruntime as ort
 
+    tolerance = tolerance if tolerance is not None else tolerances.tolerance("export", "float32")
     try:
         session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types, one per status code
@@ -323,13 +323,14 @@ def export_checkpoint(
     """The whole job; raises before writing anything if any check fails.
 
     `dtype` is the compute precision inside the file ("fp32", "fp16" or "bf16"); `tolerance`
-    defaults to that dtype's entry in DTYPE_TOLERANCE.
+    defaults to training.tolerances' "export" entry for that dtype.
     """
     checkpoint, repository_dir = Path(checkpoint), Path(repository_dir)
     repository.check_name(name)
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    tolerance = tolerance if tolerance is not None else DTYPE_TOLERANCE[dtype]
+    if tolerance is None:
+        tolerance = tolerances.tolerance("export", str(DTYPES[dtype]).removeprefix("torch."))
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest() if checkpoint.is_file() else ""
     model, state = load_trained_model(checkpoint)
     val_x, val_y = validation_data(state)

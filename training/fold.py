@@ -46,7 +46,7 @@ from training.fold_report import (
     SkippedBN,
     Verification,
 )
-from training.fold_verify import DEFAULT_TOLERANCE, Recorder, verify_fold
+from training.fold_verify import Recorder, verify_fold
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -80,7 +80,7 @@ def fold_model(
 
     ``example_input`` is the calibration batch used to trace shapes and to verify; without it a
     probe batch with non-zero mean and varied scale is built from ``model.input_shape``.
-    ``tolerance`` overrides :data:`DEFAULT_TOLERANCE` for the model's dtype.
+    ``tolerance`` overrides training.tolerances' ``("fold", dtype)`` entry.
     """
     require_eval_mode(model, "fold")
     probe = make_probe(model, probe_batch_size, seed) if example_input is None else example_input
@@ -643,7 +643,6 @@ def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.M
 
 
 __all__ = [
-    "DEFAULT_TOLERANCE",
     "FoldReport",
     "FoldedPair",
     "ModelCounts",

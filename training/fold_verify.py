@@ -14,16 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
+from training import tolerances
 from training.fold_report import Verification
-
-# A float32 fold may at most double the unfolded model's own float32 error, plus this much of
-# (1 + max|y|); the same rule, with the dtype's own slack, decides verification for any dtype.
-DEFAULT_TOLERANCE: dict[torch.dtype, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-6,
-    torch.float16: 4e-3,
-    torch.bfloat16: 3e-2,
-}
 
 
 class Recorder(fx.Interpreter):
@@ -74,7 +66,8 @@ def verify_fold(
     y_ref, y, y_unfolded = _tensors(ref.result), _tensors(out.result), _tensors(unfolded_output)
     scale = max((_max_abs(t) for t in y_ref), default=0.0)
     err, unfolded_err = _max_diff(y, y_ref), _max_diff(y_unfolded, y_ref)
-    allowed = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(probe.dtype, 1e-6)
+    dtype = str(probe.dtype).removeprefix("torch.")
+    allowed = tolerance if tolerance is not None else tolerances.tolerance("fold", dtype)
     bound = 2 * unfolded_err + allowed * (1 + scale)
     worst, worst_diff = None, 0.0
     for node, (ref_node, label) in value_map.items():
@@ -85,7 +78,7 @@ def verify_fold(
     return Verification(
         probe="",
         probe_shape=tuple(probe.shape),
-        dtype=str(probe.dtype).removeprefix("torch."),
+        dtype=dtype,
         max_abs_diff=err,
         max_rel_diff=err / scale if scale > 0 else err,
         unfolded_abs_diff=unfolded_err,

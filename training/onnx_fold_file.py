@@ -40,7 +40,8 @@ def fold_onnx_file(
     """Fold `in_path` into `out_path` and return the report; nothing is written on error.
 
     `intermediates=True` also compares every tensor both models share, not only the outputs;
-    `rtol`/`atol` override the default tolerance (1e-4, or 1e-2 for float16 models).
+    `rtol`/`atol` override the default tolerance (training.tolerances: 1e-4, or 1e-2 for
+    float16 models).
 
     Raises OnnxFoldError (unreadable input, unsafe external data, output that would overwrite
     the input, a folded model the checker rejects although the original passes) and

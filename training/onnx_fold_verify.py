@@ -21,13 +21,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from training import tolerances
 from training.errors import OnnxVerificationError
 from training.onnx_fold_report import TensorDiff, VerificationResult
 
-DEFAULT_TOLERANCE = 1e-4
-HALF_TOLERANCE = 1e-2  # float16 keeps ~3 decimal digits; a fold reorders its rounding
 _PROTOBUF_LIMIT = 2**31 - 1
-_HALF_TYPES = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+# Float element types from the least precise up: a model is judged at its least precise one.
+_PRECISIONS = {
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.DOUBLE: "float64",
+}
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -59,11 +64,12 @@ def verify_onnx_fold(
 ) -> VerificationResult:
     """Compare `folded` with `original`; returns the figures, `passed` says if all are close.
 
-    Tolerances default to 1e-4 (1e-2 when inputs, outputs or weights are float16/bfloat16).
+    Tolerances default to training.tolerances' "fold-onnx" entry for the model's least precise
+    float type among its inputs, outputs and weights (1e-4; 1e-2 for float16 and bfloat16).
     Raises OnnxVerificationError when the two cannot be compared at all (different inputs or
     outputs, unusable `inputs`, a model ONNX Runtime refuses).
     """
-    default = HALF_TOLERANCE if _is_half(original) else DEFAULT_TOLERANCE
+    default = tolerances.tolerance("fold-onnx", precision(original))
     rtol, atol = (default if rtol is None else rtol), (default if atol is None else atol)
     _require_same_interface(original, folded)
     extra = _shared_intermediates(original, folded) if intermediates else []
@@ -280,9 +286,9 @@ def _shared_intermediates(original: onnx.ModelProto, folded: onnx.ModelProto) ->
     return [name for name in dict.fromkeys(ordered) if name in produced and name not in outputs]
 
 
-def _is_half(model: onnx.ModelProto) -> bool:
-    """A float16 model: half-precision inputs, outputs or weights."""
+def precision(model: onnx.ModelProto) -> str:
+    """The least precise float type among the inputs, outputs and weights ("float32" if none)."""
     graph = model.graph
     io = [v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]]
-    weights = [t.data_type for t in graph.initializer]
-    return any(elem in _HALF_TYPES for elem in [*io, *weights])
+    present = {*io, *(t.data_type for t in graph.initializer)}
+    return next((name for elem, name in _PRECISIONS.items() if elem in present), "float32")
