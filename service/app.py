@@ -24,7 +24,7 @@ from service.manager import ModelManager
 from service.metrics import Metrics
 from service.middleware import AccessLogMiddleware, BodyLimitMiddleware, DecompressMiddleware
 from service.protocol import Limits
-from service.routes import health, inference, models, pages, repository, ui
+from service.routes import classify, docs, health, infer, models, prometheus, repository, ui
 from service.runtime import RuntimeOptions
 from service.schemas import REQUEST_MODELS
 from service.settings import Settings
@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> ASGIApp:
     middleware stack (its error, telemetry and body-limit layers: a tenth of a refusal)."""
     api = _fastapi_app(settings)
     services: Services = api.state.services
-    app: ASGIApp = inference.InferFastPath(api, services)
+    app: ASGIApp = infer.InferFastPath(api, services)
     app = DecompressMiddleware(app, max_bytes=settings.max_decompressed_bytes)
     app = BodyLimitMiddleware(
         app, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s
@@ -95,10 +95,10 @@ def _fastapi_app(settings: Settings) -> FastAPI:
         lifespan=_lifespan,
     )
     app.state.services = build_services(settings)
-    for module in (health, models, inference, repository, pages, ui):
+    for module in (health, models, classify, repository, prometheus, docs, ui):
         app.include_router(module.router)
-    pages.mount_docs_assets(app)
-    inference.mount_infer_routes(app)
+    docs.mount_docs_assets(app)
+    infer.mount_infer_routes(app)
     ui.mount_static(app)
     install_handlers(app)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -116,6 +116,6 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
-        inference.document(schema)  # the infer hot path is a plain Starlette route
+        infer.document(schema)  # the infer hot path is a plain Starlette route
         app.openapi_schema = schema
     return app.openapi_schema

@@ -29,7 +29,7 @@ from service import protocol
 from service.deps import Services, check_authorization
 from service.errors import ClientGoneError, ServiceError, send_error
 from service.protocol import HEADER_LENGTH
-from service.routes.models import AUTH_ERRORS
+from service.routes.responses import AUTH_ERRORS
 from service.schemas import InferenceResponse
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)/(?:versions/([^/]+)/)?infer")

@@ -1,7 +1,7 @@
 """Per-model endpoints that describe: metadata, readiness, configuration and statistics.
 
-Each exists with and without `/versions/{version}`; without it, the highest serving version
-answers (Triton's choice).
+Each exists with and without `/versions/{version}` (`versioned.py`); without it, the highest
+serving version answers (Triton's choice).
 """
 
 from __future__ import annotations
@@ -16,22 +16,12 @@ from fastapi.responses import JSONResponse
 from service.deps import Authorized, ServicesDep
 from service.errors import ModelNotReadyError
 from service.model_config import effective_config
+from service.routes.responses import AUTH_ERRORS, MODEL_ERRORS
+from service.routes.versioned import with_and_without_version
 from service.runtime import ModelVersion
-from service.schemas import ErrorResponse, ModelMetadataResponse, ModelReadyResponse, StatsResponse
+from service.schemas import ModelMetadataResponse, ModelReadyResponse, StatsResponse
 
 router = APIRouter(tags=["models"])
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "invalid model name or version"},
-    404: {"model": ErrorResponse, "description": "unknown model or version"},
-    503: {"model": ErrorResponse, "description": "model not ready (the reason says why)"},
-}
-AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    **ERRORS,
-    401: {"model": ErrorResponse, "description": "token missing or wrong"},
-}
-MODEL = "/v2/models/{name}"
-VERSION = "/v2/models/{name}/versions/{version}"
 
 
 # Registered first: otherwise "/v2/models/stats" would read as the metadata of a model "stats".
@@ -48,21 +38,14 @@ async def all_stats(services: ServicesDep) -> StatsResponse:
     return StatsResponse(model_stats=[_stats(services, m) for m in serving])
 
 
-@router.get(
-    MODEL + "/stats",
+@with_and_without_version(
+    router.get,
+    "/stats",
+    summary=("Model statistics", "Model version statistics"),
+    operation_id=("model_stats", "model_version_stats"),
     response_model=StatsResponse,
     responses=AUTH_ERRORS,
     dependencies=Authorized,
-    summary="Model statistics",
-    operation_id="model_stats",
-)
-@router.get(
-    VERSION + "/stats",
-    response_model=StatsResponse,
-    responses=AUTH_ERRORS,
-    dependencies=Authorized,
-    summary="Model version statistics",
-    operation_id="model_version_stats",
 )
 async def model_stats(
     services: ServicesDep, name: str, version: str | None = None
@@ -79,19 +62,13 @@ def _stats(services: ServicesDep, model: ModelVersion) -> dict[str, Any]:
     return services.stats.of(model.name, model.version).to_triton(model.name, model.version)
 
 
-@router.get(
-    MODEL,
+@with_and_without_version(
+    router.get,
+    "",
+    summary=("Model metadata", "Model version metadata"),
+    operation_id=("model_metadata", "model_version_metadata"),
     response_model=ModelMetadataResponse,
-    responses=ERRORS,
-    summary="Model metadata",
-    operation_id="model_metadata",
-)
-@router.get(
-    VERSION,
-    response_model=ModelMetadataResponse,
-    responses=ERRORS,
-    summary="Model version metadata",
-    operation_id="model_version_metadata",
+    responses=MODEL_ERRORS,
 )
 async def model_metadata(
     services: ServicesDep, name: str, version: str | None = None
@@ -116,19 +93,13 @@ async def model_metadata(
     }
 
 
-@router.get(
-    MODEL + "/ready",
+@with_and_without_version(
+    router.get,
+    "/ready",
+    summary=("Model readiness", "Model version readiness"),
+    operation_id=("model_ready", "model_version_ready"),
     response_model=ModelReadyResponse,
-    responses=ERRORS,
-    summary="Model readiness",
-    operation_id="model_ready",
-)
-@router.get(
-    VERSION + "/ready",
-    response_model=ModelReadyResponse,
-    responses=ERRORS,
-    summary="Model version readiness",
-    operation_id="model_version_ready",
+    responses=MODEL_ERRORS,
 )
 async def model_ready(services: ServicesDep, name: str, version: str | None = None) -> JSONResponse:
     """200 when the model (version) can serve; 400 with the reason when it cannot."""
@@ -140,17 +111,12 @@ async def model_ready(services: ServicesDep, name: str, version: str | None = No
     return JSONResponse({"name": name, "ready": True})
 
 
-@router.get(
-    MODEL + "/config",
-    responses=ERRORS,
-    summary="Model configuration (Triton)",
-    operation_id="model_config",
-)
-@router.get(
-    VERSION + "/config",
-    responses=ERRORS,
-    summary="Model version configuration (Triton)",
-    operation_id="model_version_config",
+@with_and_without_version(
+    router.get,
+    "/config",
+    summary=("Model configuration (Triton)", "Model version configuration (Triton)"),
+    operation_id=("model_config", "model_version_config"),
+    responses=MODEL_ERRORS,
 )
 async def model_config(
     services: ServicesDep, name: str, version: str | None = None

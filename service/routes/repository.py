@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from service import protocol, repository
 from service.deps import Authorized, ServicesDep
 from service.errors import BadRequestError
-from service.routes.models import AUTH_ERRORS
+from service.routes.responses import AUTH_ERRORS
 from service.schemas import RepositoryIndexEntry
 
 router = APIRouter(tags=["repository"])

@@ -1,5 +1,7 @@
-"""Inference: `classify` for people, and the v2 `infer` endpoint's hot path (`routes/infer.py`),
-which the app mounts through `mount_infer_routes` and documents through `document`.
+"""`classify`: top-k labels for an image or an array, preprocessed as the model's metadata says.
+
+The endpoint for people and scripts that have a picture rather than a tensor; the v2 `infer`
+endpoint, the hot path, is `infer.py`.
 """
 
 from __future__ import annotations
@@ -16,11 +18,9 @@ from service import protocol
 from service.deps import Authorized, ServicesDep
 from service.errors import BadRequestError
 from service.preprocess import array_to_input, effective_spec, image_to_input, probabilities
-from service.routes.infer import InferFastPath, document, mount_infer_routes
-from service.routes.models import AUTH_ERRORS
+from service.routes.responses import AUTH_ERRORS
+from service.routes.versioned import with_and_without_version
 from service.schemas import ClassifyResponse, Prediction
-
-__all__ = ["InferFastPath", "document", "mount_infer_routes", "router"]
 
 router = APIRouter(tags=["inference"])
 
@@ -50,23 +50,15 @@ CLASSIFY_BODY: dict[str, Any] = {
 }
 
 
-@router.post(
-    "/v2/models/{name}/classify",
+@with_and_without_version(
+    router.post,
+    "/classify",
+    summary=("Classify an image or array", "Classify with a version"),
+    operation_id=("classify", "classify_version"),
     response_model=ClassifyResponse,
     responses=AUTH_ERRORS,
     dependencies=Authorized,
     openapi_extra=CLASSIFY_BODY,
-    summary="Classify an image or array",
-    operation_id="classify",
-)
-@router.post(
-    "/v2/models/{name}/versions/{version}/classify",
-    response_model=ClassifyResponse,
-    responses=AUTH_ERRORS,
-    dependencies=Authorized,
-    openapi_extra=CLASSIFY_BODY,
-    summary="Classify with a version",
-    operation_id="classify_version",
 )
 async def classify(
     request: Request,

@@ -1,4 +1,4 @@
-"""Pages for people and scrapers: /metrics and the OpenAPI docs (the model pages: `ui.py`).
+"""The API docs page, `/docs`: Swagger UI over the OpenAPI document, working offline.
 
 FastAPI's docs page loads Swagger UI from a CDN, which an offline machine cannot reach. Here
 its assets come from the `swagger-ui-bundle` package, mounted under /docs-assets, so /docs
@@ -9,20 +9,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from swagger_ui_bundle import swagger_ui_path
 
-from service.deps import ServicesDep
-from service.metrics import CONTENT_TYPE
-
 router = APIRouter(include_in_schema=False)
 DOCS_ASSETS = "/docs-assets"
-
-
-@router.get("/metrics")
-async def metrics(services: ServicesDep) -> Response:
-    return Response(services.metrics.render(), media_type=CONTENT_TYPE)
 
 
 @router.get("/docs")
