@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from training.fold_report import FoldReport, Verification
-    from training.onnx_fold_report import VerificationResult
+    from training.fold_report import FoldReport, FoldVerification
+    from training.onnx_fold_report import OnnxVerification
 
 
 class TrainingError(Exception):
@@ -73,7 +73,7 @@ class FoldRangeError(FoldError, ValueError):
 class FoldVerificationError(FoldError, RuntimeError):
     """The folded model differs from the original by more than the tolerance."""
 
-    def __init__(self, report: FoldReport, check: Verification) -> None:
+    def __init__(self, report: FoldReport, check: FoldVerification) -> None:
         self.report = report
         self.max_abs_diff = check.max_abs_diff
         self.worst_layer = check.worst_layer
@@ -94,7 +94,7 @@ class OnnxFoldError(TrainingError):
 class OnnxVerificationError(OnnxFoldError):
     """The folded model does not compute what the original computes, within tolerance."""
 
-    def __init__(self, message: str, result: VerificationResult | None = None) -> None:
+    def __init__(self, message: str, result: OnnxVerification | None = None) -> None:
         super().__init__(message)
         self.result = result
 

@@ -37,15 +37,8 @@ from training.errors import (
     MissingProbeInputError,
     UntraceableModelError,
 )
-from training.fold_report import (
-    Direction,
-    Exactness,
-    FoldedPair,
-    FoldReport,
-    ModelCounts,
-    SkippedBN,
-    Verification,
-)
+from training.fold_records import Direction, Exactness, FoldedBN, SkipKind, SkippedBN
+from training.fold_report import FoldReport, FoldVerification, ModelCounts
 from training.fold_verify import Recorder, verify_fold
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -87,7 +80,7 @@ def fold_model(
     graph_module = _trace(model)
     reference = copy.deepcopy(graph_module) if verify else None
     unfolded = Recorder(graph_module).run_recorded(probe)
-    folder = _Folder(graph_module, unfolded.shapes, unfolded.values)
+    folder = _FxFolder(graph_module, unfolded.shapes, unfolded.values)
     bns_before = folder.bn_count()
     skipped = folder.run()
     folded = _finish(graph_module, model)
@@ -193,12 +186,12 @@ class _BNSite:
     eps: float
     weight: Tensor | None
     bias: Tensor | None
-    problem: tuple[str, str] | None = None  # (kind, reason)
+    problem: tuple[SkipKind, str] | None = None  # (kind, reason)
 
 
 @dataclass(frozen=True)
 class _Blocked:
-    kind: str
+    kind: SkipKind
     reason: str
 
 
@@ -254,7 +247,7 @@ class _NotConstantError(Exception):
     pass
 
 
-class _Folder:
+class _FxFolder:
     """Plans and applies folds on one traced graph until no BatchNorm can fold any more."""
 
     def __init__(
@@ -263,7 +256,7 @@ class _Folder:
         self.gm = graph_module
         self.shapes = shapes
         self.values = values
-        self.folded: list[FoldedPair] = []
+        self.folded: list[FoldedBN] = []
         # folded-graph node -> (reference node with the same value, label for reports)
         self.value_map: dict[str, tuple[str, str]] = {}
 
@@ -543,8 +536,13 @@ class _Folder:
                 self.gm.graph.erase_node(node)
         names = tuple(str(n.target) for n in plan.layers)
         self.folded.append(
-            FoldedPair(
-                plan.site.name, names, tuple(types), plan.direction, plan.exactness, max(changes)
+            FoldedBN(
+                bn=plan.site.name,
+                layers=names,
+                layer_types=tuple(types),
+                direction=plan.direction,
+                exactness=plan.exactness,
+                max_rel_weight_change=max(changes),
             )
         )
 
@@ -644,10 +642,10 @@ def _with_params(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.M
 
 __all__ = [
     "FoldReport",
-    "FoldedPair",
+    "FoldVerification",
+    "FoldedBN",
     "ModelCounts",
     "SkippedBN",
-    "Verification",
     "fold_model",
     "make_probe",
 ]

@@ -1,7 +1,8 @@
-"""What a fold did: the report, its printing and JSON form.
+"""What a PyTorch fold did: the report, its self-check, its printing and JSON form.
 
 Kept apart from the rewrite so callers (the CLI, the exporter, the ONNX metadata) can read a
-report without the graph machinery.
+report without the graph machinery. Its folded and skipped entries are training.fold_records',
+the records the ONNX folder reports in too.
 """
 
 from __future__ import annotations
@@ -9,36 +10,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
-Direction = Literal["bn-after", "bn-before"]
-Exactness = Literal["exact", "scale-only"]
-
+from training.fold_records import FoldedBN, SkippedBN
 
 # --------------------------------------------------------------------------- report
-
-
-@dataclass(frozen=True)
-class FoldedPair:
-    """One BatchNorm folded into one layer (bn-after) or into every consumer (bn-before)."""
-
-    bn: str
-    layers: tuple[str, ...]
-    layer_types: tuple[str, ...]
-    direction: Direction
-    # "scale-only": the BN's shift is zero, so only weights are rescaled. That is exact even
-    # across zero padding and into transposed convolutions, where an affine fold is not.
-    exactness: Exactness
-    max_rel_weight_change: float
-
-
-@dataclass(frozen=True)
-class SkippedBN:
-    """A BatchNorm left in the model, with a machine-readable kind and a readable reason."""
-
-    bn: str
-    kind: str
-    reason: str
 
 
 @dataclass(frozen=True)
@@ -50,7 +26,7 @@ class ModelCounts:
 
 
 @dataclass(frozen=True)
-class Verification:
+class FoldVerification:
     """Folded model vs a float64 eval copy of the original on one probe batch."""
 
     probe: str
@@ -68,12 +44,12 @@ class Verification:
 @dataclass(frozen=True)
 class FoldReport:
     model: str
-    folded: tuple[FoldedPair, ...]
+    folded: tuple[FoldedBN, ...]
     skipped: tuple[SkippedBN, ...]
     before: ModelCounts
     after: ModelCounts
     foldable_left: int  # BNs a fresh analysis of the folded graph would still fold (want 0)
-    verification: Verification | None = None
+    verification: FoldVerification | None = None
 
     @property
     def max_rel_weight_change(self) -> float:
@@ -115,7 +91,7 @@ def _report_lines(report: FoldReport) -> Iterator[str]:
     yield from _verification_lines(report.verification)
 
 
-def _verification_lines(check: Verification | None) -> Iterator[str]:
+def _verification_lines(check: FoldVerification | None) -> Iterator[str]:
     if check is None:
         yield "verification: not run"
         return

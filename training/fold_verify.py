@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, fx
 
 from training import tolerances
-from training.fold_report import Verification
+from training.fold_report import FoldVerification
 
 
 class Recorder(fx.Interpreter):
@@ -59,7 +59,7 @@ def verify_fold(
     unfolded_output: Any,
     value_map: Mapping[str, tuple[str, str]],
     tolerance: float | None,
-) -> Verification:
+) -> FoldVerification:
     ref_names = frozenset(ref for ref, _ in value_map.values())
     ref = Recorder(reference.double(), ref_names).run_recorded(probe.double())
     out = Recorder(folded, frozenset(value_map)).run_recorded(probe)
@@ -75,7 +75,7 @@ def verify_fold(
         diff = _max_diff([out.kept[node]], [a_ref]) / (1 + _max_abs(a_ref))
         if worst is None or diff > worst_diff:
             worst, worst_diff = label, diff
-    return Verification(
+    return FoldVerification(
         probe="",
         probe_shape=tuple(probe.shape),
         dtype=dtype,

@@ -18,23 +18,18 @@ The work is split by concept, each module readable in one sitting:
 
 from __future__ import annotations
 
+from training.fold_records import FoldedBN, SkippedBN
 from training.onnx_fold_file import fold_onnx_file, load_model, save_model
-from training.onnx_fold_report import (
-    FoldedBN,
-    OnnxFoldReport,
-    SkippedBN,
-    TensorDiff,
-    VerificationResult,
-)
+from training.onnx_fold_report import OnnxFoldReport, OnnxVerification, TensorDiff
 from training.onnx_fold_rules import fold_onnx
 from training.onnx_fold_verify import verify_onnx_fold
 
 __all__ = [
     "FoldedBN",
     "OnnxFoldReport",
+    "OnnxVerification",
     "SkippedBN",
     "TensorDiff",
-    "VerificationResult",
     "fold_onnx",
     "fold_onnx_file",
     "load_model",

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from training.fold_records import SkipKind
 from training.onnx_fold_graph import (
     ConstantResolver,
     GraphIndex,
@@ -27,7 +28,11 @@ from training.onnx_fold_graph import (
 
 
 class NotFoldable(Exception):  # noqa: N818 - a verdict, not an error: it becomes a report line
-    """A rule does not apply; the message is the reason the report gives."""
+    """A rule does not apply: `kind` and the message become the report's skip kind and reason."""
+
+    def __init__(self, kind: SkipKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind: SkipKind = kind
 
 
 # (node, input index, new float64 value, the dtype to store it in, the name to derive from)
@@ -167,14 +172,18 @@ class GraphEdit:
 def require_finite(arrays: list[np.ndarray]) -> None:
     for array in arrays:
         if not np.all(np.isfinite(array)):
-            raise NotFoldable(f"the folded values do not fit in {array.dtype} (overflow)")
+            raise NotFoldable(
+                "dtype-range", f"the folded values do not fit in {array.dtype} (overflow)"
+            )
 
 
 def require_sole_use(edit: GraphEdit, name: str, reader: onnx.NodeProto, what: str) -> None:
     """Folding rewrites the tensor between two nodes, so no one else may read it."""
     if edit.index.sole_consumer(name) is None:
         uses = edit.index.describe_uses(name, edit.nodes)
-        raise NotFoldable(f"the {what} '{name}' also feeds {uses}, not only {node_label(reader)}")
+        raise NotFoldable(
+            "shared-output", f"the {what} '{name}' also feeds {uses}, not only {node_label(reader)}"
+        )
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

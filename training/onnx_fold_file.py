@@ -56,13 +56,7 @@ def fold_onnx_file(
         inputs = load_inputs(Path(inputs_npz)) if inputs_npz is not None else None
         label = str(inputs_npz) if inputs_npz is not None else None
         result = verify_onnx_fold(
-            model,
-            folded,
-            inputs,
-            rtol=rtol,
-            atol=atol,
-            intermediates=intermediates,
-            inputs_source=label,
+            model, folded, inputs, rtol=rtol, atol=atol, intermediates=intermediates, probe=label
         )
         report.verification = result
         if not result.passed:

@@ -117,6 +117,10 @@ class GraphIndex:
             return None
         return users[0]
 
+    def use_count(self, name: str) -> int:
+        """How many nodes read `name`, plus one if it is a graph output."""
+        return len(self.consumers.get(name, [])) + (name in self.graph_outputs)
+
     def describe_uses(self, name: str, nodes: list[onnx.NodeProto | None]) -> str:
         users = [node_label(nodes[i]) for i in self.consumers.get(name, []) if nodes[i]]
         parts = [f"{len(users)} node(s) ({', '.join(users[:4])})"] if users else []

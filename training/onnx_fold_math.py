@@ -73,6 +73,12 @@ def per_channel(affine: Affine) -> Affine | None:
     return None
 
 
+def relative_change(before: Array, after: Array) -> float:
+    """Largest elementwise change relative to the largest original magnitude (0 when equal)."""
+    delta, base = np.max(np.abs(after - before), initial=0.0), np.max(np.abs(before), initial=0.0)
+    return 0.0 if delta == 0 else float(delta / base) if base > 0 else float("inf")
+
+
 def _along(vector: Array, axis: int, ndim: int) -> Array:
     """Reshape a 1-D vector so it broadcasts along `axis` of an `ndim`-D array."""
     shape = [1] * ndim

@@ -29,6 +29,7 @@ import onnx
 
 from training import onnx_fold_math as fm
 from training.errors import OnnxFoldError
+from training.fold_records import Direction, FoldedBN, SkippedBN
 from training.onnx_fold_edit import GraphEdit, NotFoldable, require_finite, require_sole_use
 from training.onnx_fold_graph import (
     FLOAT_DTYPES,
@@ -44,7 +45,7 @@ from training.onnx_fold_graph import (
     subgraphs,
     tensors_with_data,
 )
-from training.onnx_fold_report import FoldedBN, OnnxFoldReport, SkippedBN
+from training.onnx_fold_report import OnnxFoldReport
 
 BN = "BatchNormalization"
 # A BN-before-op fold may make the op's input this many times larger (3 bits of precision);
@@ -82,10 +83,10 @@ def fold_onnx(
             )
     folded = onnx.ModelProto()
     folded.CopyFrom(model)
-    return folded, _Folder(folded, fold_into_consumers, max_input_growth).run()
+    return folded, _OnnxFolder(folded, fold_into_consumers, max_input_growth).run()
 
 
-class _Folder:
+class _OnnxFolder:
     """One fold of one model: the driver, the BN's own checks, and the rules per neighbour."""
 
     def __init__(
@@ -107,10 +108,10 @@ class _Folder:
 
     def run(self) -> OnnxFoldReport:
         self._prefetch_constants()
-        reasons: dict[int, str] = {}
+        verdicts: dict[int, NotFoldable] = {}
         progress = True
         while progress:  # a fold can open another (BN → BN → Conv): repeat until none does
-            progress, reasons = False, {}
+            progress, verdicts = False, {}
             for position, node in enumerate(self.edit.nodes):
                 if node is None or node.op_type != BN or node.domain not in STANDARD_DOMAINS:
                     continue
@@ -120,30 +121,38 @@ class _Folder:
                     self.edit.reindex()
                     progress = True
                 else:
-                    reasons[position] = outcome
-        self._finish(reasons)
+                    verdicts[position] = outcome
+        self._finish(verdicts)
         return self.report
 
-    def _fold_one(self, position: int, bn: onnx.NodeProto) -> FoldedBN | str:
+    def _fold_one(self, position: int, bn: onnx.NodeProto) -> FoldedBN | NotFoldable:
+        """The fold, or the verdict against it: the BN's own, or why neither side takes it.
+
+        With both sides refused, the kind is the producer side's unless there simply is no
+        foldable producer, as in the PyTorch folder; the reason gives both.
+        """
         try:
             affine, growth = self._bn_affine(bn)
         except NotFoldable as verdict:
-            return str(verdict)
+            return verdict
         try:
             return self._into_producer(position, bn, affine)
         except NotFoldable as verdict:
-            after = str(verdict)
+            after = verdict
         if not self.into_consumers:
-            return f"{after}; folding into a following node is switched off"
+            return NotFoldable(
+                after.kind, f"{after}; folding into a following node is switched off"
+            )
         try:
             return self._into_consumer(position, bn, affine, growth)
-        except NotFoldable as verdict:
-            return f"{after}; {verdict}"
+        except NotFoldable as before:
+            kind = after.kind if after.kind != "no-adjacent-layer" else before.kind
+            return NotFoldable(kind, f"{after}; {before}")
 
-    def _finish(self, reasons: dict[int, str]) -> None:
-        for position, reason in reasons.items():
+    def _finish(self, verdicts: dict[int, NotFoldable]) -> None:
+        for position, verdict in verdicts.items():
             node = self.edit.nodes[position]
-            self.report.skipped.append(SkippedBN(node_label(node), reason))
+            self.report.skipped.append(SkippedBN(node_label(node), verdict.kind, str(verdict)))
         self._skip_subgraph_bns()
         self.edit.finish()
         self.report.nodes_after = len(self.model.graph.node)
@@ -160,7 +169,7 @@ class _Folder:
                 if inner.op_type == BN:
                     where = f"inside a sub-graph of {node.op_type} {node_label(node)}"
                     reason = f"{where}; sub-graphs are not rewritten"
-                    self.report.skipped.append(SkippedBN(node_label(inner), reason))
+                    self.report.skipped.append(SkippedBN(node_label(inner), "sub-graph", reason))
 
     def _prefetch_constants(self) -> None:
         """Evaluate every constant a rule may read in one runtime session, not one per BN."""
@@ -178,17 +187,22 @@ class _Folder:
     def _bn_affine(self, bn: onnx.NodeProto) -> tuple[fm.Affine, float]:
         """The BN's per-channel map, and the input growth a fold into a consumer would cost."""
         if self.opset < 7:
-            raise NotFoldable(f"BatchNormalization-{self.opset} (opset < 7) is not handled")
+            raise NotFoldable(
+                "unsupported-bn", f"BatchNormalization-{self.opset} (opset < 7) is not handled"
+            )
         if len(bn.output) > 1:
             raise NotFoldable(
+                "batch-statistics",
                 f"declares {len(bn.output)} outputs: a BN with running-statistics outputs runs "
-                "in training mode (batch statistics)"
+                "in training mode (batch statistics)",
             )
         attrs = attributes(bn)
         if attrs.get("training_mode", 0):
-            raise NotFoldable("training_mode=1: it normalises with batch statistics")
+            raise NotFoldable(
+                "batch-statistics", "training_mode=1: it normalises with batch statistics"
+            )
         if len(bn.input) != 5:
-            raise NotFoldable(f"has {len(bn.input)} inputs, expected 5")
+            raise NotFoldable("unsupported-bn", f"has {len(bn.input)} inputs, expected 5")
         scale, bias, mean, var = (
             self._param(bn, i, what).value
             for i, what in enumerate(("scale", "bias", "mean", "var"), 1)
@@ -201,8 +215,9 @@ class _Folder:
         reduced = fm.per_channel(affine)  # BN-7 spatial=0: per-element statistics
         if reduced is None:
             raise NotFoldable(
+                "inexact",
                 f"spatial=0 statistics of shape {list(np.shape(scale))} differ between "
-                "positions of a channel, so no per-channel weight can absorb them"
+                "positions of a channel, so no per-channel weight can absorb them",
             )
         return reduced, growth
 
@@ -210,15 +225,17 @@ class _Folder:
         name = node.input[index] if index < len(node.input) else ""
         value = self.constants.value(name) if name else None
         owner = "its" if node.op_type == BN else f"{node.op_type} {node_label(node)}"
+        unsupported = "unsupported-bn" if node.op_type == BN else "unsupported-layer"
         if value is None:
             why = self.constants.why_not_constant(name) if name else "missing"
-            raise NotFoldable(f"{owner} {what} is not constant: {why}")
+            raise NotFoldable("not-constant", f"{owner} {what} is not constant: {why}")
         if value.dtype not in FLOAT_DTYPES:
-            raise NotFoldable(f"{owner} {what} has dtype {value.dtype}")
+            raise NotFoldable(unsupported, f"{owner} {what} has dtype {value.dtype}")
         if self.constants.producer_op(name) == "DequantizeLinear":
             raise NotFoldable(
+                unsupported,
                 f"{owner} {what} is dequantized from integers; folding would store it as float "
-                "and undo the model's quantisation"
+                "and undo the model's quantisation",
             )
         return _Param(name, value.astype(np.float64), value.dtype)
 
@@ -232,10 +249,15 @@ class _Folder:
         source = bn.input[0]
         producer = self.edit.node_at(source)
         if producer is None:
-            raise NotFoldable(f"not after a foldable op (its input '{source}' is a graph input)")
+            raise NotFoldable(
+                "no-adjacent-layer",
+                f"not after a foldable op (its input '{source}' is a graph input)",
+            )
         rule = _AFTER_RULES.get(producer.op_type)
         if rule is None or producer.domain not in STANDARD_DOMAINS:
-            raise NotFoldable(f"not after a foldable op (follows {producer.op_type})")
+            raise NotFoldable(
+                "no-adjacent-layer", f"not after a foldable op (follows {producer.op_type})"
+            )
         require_sole_use(self.edit, source, bn, f"{producer.op_type} output")
         return rule(self, position, bn, producer, affine)
 
@@ -246,7 +268,8 @@ class _Folder:
         _require_channels(affine, weight.value.shape[0], conv)
         new_w, new_b = fm.after_conv(weight.value, _value(bias), affine)
         self.edit.set_inputs([_edit(conv, 1, new_w, weight), _bias_edit(conv, new_b, bias, weight)])
-        return self._removed_after(position, bn, conv)
+        self.edit.remove_bn_after(position, conv)
+        return _folded(bn, conv, "bn-after", affine, (weight, new_w))
 
     def _after_conv_transpose(
         self, position: int, bn: onnx.NodeProto, conv: onnx.NodeProto, affine: fm.Affine
@@ -256,20 +279,17 @@ class _Folder:
         _require_channels(affine, weight.value.shape[1] * group, conv)
         new_w, new_b = fm.after_conv_transpose(weight.value, _value(bias), affine, group)
         self.edit.set_inputs([_edit(conv, 1, new_w, weight), _bias_edit(conv, new_b, bias, weight)])
-        return self._removed_after(position, bn, conv)
+        self.edit.remove_bn_after(position, conv)
+        return _folded(bn, conv, "bn-after", affine, (weight, new_w))
 
     def _after_gemm(
         self, position: int, bn: onnx.NodeProto, gemm: onnx.NodeProto, affine: fm.Affine
     ) -> FoldedBN:
-        attrs = attributes(gemm)
-        b, c = self._param(gemm, 1, "B"), self._optional_param(gemm, 2, "C")
-        trans_b = bool(attrs.get("transB", 0))
-        _require_channels(affine, b.value.shape[0 if trans_b else 1], gemm)
-        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        b, c, alpha, beta, trans_b = self._gemm_operands(gemm, affine, "bn-after")
         new_b, new_c = fm.after_gemm(b.value, _value(c), affine, alpha, beta, trans_b)
-        self.edit.set_inputs([_edit(gemm, 1, new_b, b), _bias_edit(gemm, new_c, c, b)])
-        set_attribute(gemm, "beta", 1.0)  # the new C already carries the old beta
-        return self._removed_after(position, bn, gemm)
+        self._set_gemm_operands(gemm, (b, new_b), (c, new_c))
+        self.edit.remove_bn_after(position, gemm)
+        return _folded(bn, gemm, "bn-after", affine, (b, new_b))
 
     def _after_matmul(
         self, position: int, bn: onnx.NodeProto, matmul: onnx.NodeProto, affine: fm.Affine
@@ -291,7 +311,7 @@ class _Folder:
             name=self.edit.names.fresh(f"{matmul.name or 'MatMul'}_bnfold_bias"),
         )
         self.edit.replace_node(position, add)
-        return FoldedBN(node_label(bn), node_label(matmul), "MatMul", "into-producer", "new Add")
+        return _folded(bn, matmul, "bn-after", affine, (weight, new_w), via="new Add")
 
     def _after_add(
         self, position: int, bn: onnx.NodeProto, add: onnx.NodeProto, affine: fm.Affine
@@ -299,7 +319,10 @@ class _Folder:
         """MatMul → Add(constant bias) → BN: scale the weight, fold the BN into the bias."""
         side = _matmul_side(self.edit, add)
         if side is None:
-            raise NotFoldable("not after a foldable op (follows an Add that is no MatMul + bias)")
+            raise NotFoldable(
+                "no-adjacent-layer",
+                "not after a foldable op (follows an Add that is no MatMul + bias)",
+            )
         matmul = self.edit.node_at(add.input[side])
         require_sole_use(self.edit, add.input[side], add, "MatMul output")
         weight = self._matmul_weight(matmul, bn.input[0])
@@ -307,21 +330,27 @@ class _Folder:
         _require_channels(affine, weight.value.shape[1], matmul)
         new_w, new_b = fm.after_matmul(weight.value, bias.value, affine)
         if new_b.ndim > 2:
-            raise NotFoldable(f"the Add's bias of shape {list(bias.value.shape)} is not a row bias")
+            raise NotFoldable(
+                "unsupported-layer",
+                f"the Add's bias of shape {list(bias.value.shape)} is not a row bias",
+            )
         self.edit.set_inputs([_edit(matmul, 1, new_w, weight), _edit(add, 1 - side, new_b, bias)])
         add.input[side] = self._rename_changed_output(matmul)
         self.edit.remove_bn_after(position, add)
-        return FoldedBN(node_label(bn), node_label(matmul), "MatMul", "into-producer", "Add")
+        return _folded(bn, matmul, "bn-after", affine, (weight, new_w), via="Add")
 
     def _matmul_weight(self, matmul: onnx.NodeProto, result: str) -> _Param:
         weight = self._param(matmul, 1, "weight")
         if weight.value.ndim != 2:
-            raise NotFoldable(f"the MatMul weight has rank {weight.value.ndim}, not 2")
+            raise NotFoldable(
+                "unsupported-layer", f"the MatMul weight has rank {weight.value.ndim}, not 2"
+            )
         rank = self.ranks.get(result, self.ranks.get(matmul.input[0]))
         if rank != 2:
             raise NotFoldable(
+                "axis-mismatch",
                 f"the MatMul result has rank {rank if rank is not None else 'unknown'}: BN "
-                "normalises axis 1, the weight's output axis is the last, equal only at rank 2"
+                "normalises axis 1, the weight's output axis is the last, equal only at rank 2",
             )
         return weight
 
@@ -332,11 +361,29 @@ class _Folder:
         self.edit.rename_output(node, fresh)
         return fresh
 
-    def _removed_after(
-        self, position: int, bn: onnx.NodeProto, producer: onnx.NodeProto
-    ) -> FoldedBN:
-        self.edit.remove_bn_after(position, producer)
-        return FoldedBN(node_label(bn), node_label(producer), producer.op_type, "into-producer")
+    def _gemm_operands(
+        self, gemm: onnx.NodeProto, affine: fm.Affine, direction: Direction
+    ) -> tuple[_Param, _Param | None, float, float, bool]:
+        """B, C, alpha, beta and transB of a Gemm whose B' axis matches the BN's channels:
+        B' is (K, N), so a BN after the Gemm meets its N columns, one before it its K rows."""
+        attrs = attributes(gemm)
+        b, c = self._param(gemm, 1, "B"), self._optional_param(gemm, 2, "C")
+        trans_b = bool(attrs.get("transB", 0))
+        columns = direction == "bn-after"
+        _require_channels(affine, b.value.shape[int(columns != trans_b)], gemm)
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        return b, c, alpha, beta, trans_b
+
+    def _set_gemm_operands(
+        self,
+        gemm: onnx.NodeProto,
+        b: tuple[_Param, np.ndarray],
+        c: tuple[_Param | None, np.ndarray],
+    ) -> None:
+        """The new B and C; the new C already carries the old beta, so beta becomes 1."""
+        (old_b, new_b), (old_c, new_c) = b, c
+        self.edit.set_inputs([_edit(gemm, 1, new_b, old_b), _bias_edit(gemm, new_c, old_c, old_b)])
+        set_attribute(gemm, "beta", 1.0)
 
     # ------------------------------------------------------------------- BN before an op
 
@@ -347,21 +394,24 @@ class _Folder:
         at = self.edit.index.sole_consumer(output)
         if at is None:
             uses = self.edit.index.describe_uses(output, self.edit.nodes)
-            raise NotFoldable(f"its output feeds {uses}, not one Conv or Gemm")
+            shared = self.edit.index.use_count(output) > 1
+            kind = "shared-output" if shared else "no-adjacent-layer"
+            raise NotFoldable(kind, f"its output feeds {uses}, not one Conv or Gemm")
         consumer = self.edit.nodes[at]
         op = consumer.op_type
         reads_once_as_data = consumer.input[0] == output and list(consumer.input).count(output) == 1
         if consumer.domain not in STANDARD_DOMAINS or not reads_once_as_data:
-            raise NotFoldable(f"its output feeds {op}, not a Conv or Gemm")
+            raise NotFoldable("no-adjacent-layer", f"its output feeds {op}, not a Conv or Gemm")
         if op in _BEFORE_RULES and growth > self.max_input_growth:
             raise NotFoldable(
+                "precision",
                 f"folding it into the following {op} would feed that op inputs {growth:.0f}x "
                 "larger (its mean is far from zero: mean subtraction) and cost that much "
-                f"precision (limit {self.max_input_growth:g}x)"
+                f"precision (limit {self.max_input_growth:g}x)",
             )
         rule = _BEFORE_RULES.get(op)
         if rule is None:
-            raise NotFoldable(f"its output feeds {op}, not a Conv or Gemm")
+            raise NotFoldable("no-adjacent-layer", f"its output feeds {op}, not a Conv or Gemm")
         return rule(self, position, bn, consumer, affine)
 
     def _before_conv(
@@ -382,7 +432,7 @@ class _Folder:
             conv.input[0] = self._rename_changed_output(via)
         self.edit.remove_bn_before(position, via or conv)
         via_text = f"Pad(mode={_pad_mode(via)})" if via is not None else ""
-        return FoldedBN(node_label(bn), node_label(conv), "Conv", "into-consumer", via_text)
+        return _folded(bn, conv, "bn-before", affine, (weight, new_w), via=via_text)
 
     def _before_pad(
         self, position: int, bn: onnx.NodeProto, pad: onnx.NodeProto, affine: fm.Affine
@@ -391,12 +441,16 @@ class _Folder:
         the BN's per-channel map, as long as it leaves the channel axis alone."""
         mode = _pad_mode(pad)
         if mode not in PAD_MODES_THAT_COMMUTE:
-            raise NotFoldable(f"its output feeds a Pad in {mode} mode, which adds new values")
+            raise NotFoldable(
+                "inexact", f"its output feeds a Pad in {mode} mode, which adds new values"
+            )
         self._require_channel_axis_unpadded(pad, bn.input[0])
         at = self.edit.index.sole_consumer(pad.output[0])
         conv = self.edit.nodes[at] if at is not None else None
         if conv is None or conv.op_type != "Conv" or conv.input[0] != pad.output[0]:
-            raise NotFoldable("its output feeds a Pad that does not feed exactly one Conv")
+            raise NotFoldable(
+                "no-adjacent-layer", "its output feeds a Pad that does not feed exactly one Conv"
+            )
         return self._before_conv(position, bn, conv, affine, via=pad)
 
     def _require_channel_axis_unpadded(self, pad: onnx.NodeProto, data: str) -> None:
@@ -407,49 +461,71 @@ class _Folder:
         axes = self._int_input(pad, 3, "axes") if len(pad.input) > 3 and pad.input[3] else None
         rank = len(pads) // 2 if axes is None else self.ranks.get(data)
         if rank is None:
-            raise NotFoldable("its output feeds a Pad with axes, on a tensor of unknown rank")
+            raise NotFoldable(
+                "unsupported-layer", "its output feeds a Pad with axes, on a tensor of unknown rank"
+            )
         axes = np.arange(rank) if axes is None else axes
         for i, axis in enumerate(int(a) % rank for a in axes):
             if axis == 1 and (pads[i] != 0 or pads[i + len(axes)] != 0):
-                raise NotFoldable("its output feeds a Pad that pads the channel axis")
+                raise NotFoldable("inexact", "its output feeds a Pad that pads the channel axis")
 
     def _int_input(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray:
         name = node.input[index] if index < len(node.input) else ""
         value = self.constants.value(name) if name else None
         if value is None:
-            raise NotFoldable(f"{node.op_type} {node_label(node)} {what} is not constant")
+            raise NotFoldable(
+                "not-constant", f"{node.op_type} {node_label(node)} {what} is not constant"
+            )
         return np.asarray(value, np.int64).reshape(-1)
 
     def _before_gemm(
         self, position: int, bn: onnx.NodeProto, gemm: onnx.NodeProto, affine: fm.Affine
     ) -> FoldedBN:
-        attrs = attributes(gemm)
-        if attrs.get("transA", 0):
-            raise NotFoldable("its output feeds Gemm with transA=1: the BN's channels are rows")
-        b, c = self._param(gemm, 1, "B"), self._optional_param(gemm, 2, "C")
-        trans_b = bool(attrs.get("transB", 0))
-        _require_channels(affine, b.value.shape[1 if trans_b else 0], gemm)
-        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        if attributes(gemm).get("transA", 0):
+            raise NotFoldable(
+                "axis-mismatch", "its output feeds Gemm with transA=1: the BN's channels are rows"
+            )
+        b, c, alpha, beta, trans_b = self._gemm_operands(gemm, affine, "bn-before")
         new_b, new_c = fm.before_gemm(b.value, _value(c), affine, alpha, beta, trans_b)
-        self.edit.set_inputs([_edit(gemm, 1, new_b, b), _bias_edit(gemm, new_c, c, b)])
-        set_attribute(gemm, "beta", 1.0)
+        self._set_gemm_operands(gemm, (b, new_b), (c, new_c))
         self.edit.remove_bn_before(position, gemm)
-        return FoldedBN(node_label(bn), node_label(gemm), "Gemm", "into-consumer")
+        return _folded(bn, gemm, "bn-before", affine, (b, new_b))
 
 
-_Rule = Callable[[_Folder, int, onnx.NodeProto, onnx.NodeProto, fm.Affine], FoldedBN]
+_Rule = Callable[[_OnnxFolder, int, onnx.NodeProto, onnx.NodeProto, fm.Affine], FoldedBN]
 _AFTER_RULES: dict[str, _Rule] = {
-    "Conv": _Folder._after_conv,
-    "ConvTranspose": _Folder._after_conv_transpose,
-    "Gemm": _Folder._after_gemm,
-    "MatMul": _Folder._after_matmul,
-    "Add": _Folder._after_add,
+    "Conv": _OnnxFolder._after_conv,
+    "ConvTranspose": _OnnxFolder._after_conv_transpose,
+    "Gemm": _OnnxFolder._after_gemm,
+    "MatMul": _OnnxFolder._after_matmul,
+    "Add": _OnnxFolder._after_add,
 }
 _BEFORE_RULES: dict[str, _Rule] = {
-    "Conv": _Folder._before_conv,
-    "Gemm": _Folder._before_gemm,
-    "Pad": _Folder._before_pad,
+    "Conv": _OnnxFolder._before_conv,
+    "Gemm": _OnnxFolder._before_gemm,
+    "Pad": _OnnxFolder._before_pad,
 }
+
+
+def _folded(
+    bn: onnx.NodeProto,
+    layer: onnx.NodeProto,
+    direction: Direction,
+    affine: fm.Affine,
+    weight: tuple[_Param, np.ndarray],
+    via: str = "",
+) -> FoldedBN:
+    """The record of one fold; `weight` is the layer's weight before and after it."""
+    before, after = weight
+    return FoldedBN(
+        bn=node_label(bn),
+        layers=(node_label(layer),),
+        layer_types=(layer.op_type,),
+        direction=direction,
+        exactness="scale-only" if not np.any(affine.shift) else "exact",
+        max_rel_weight_change=fm.relative_change(before.value, after),
+        via=via,
+    )
 
 
 def _value(param: _Param | None) -> np.ndarray | None:
@@ -483,8 +559,9 @@ def _matmul_side(edit: GraphEdit, add: onnx.NodeProto) -> int | None:
 def _require_channels(affine: fm.Affine, channels: int, node: onnx.NodeProto) -> None:
     if affine.scale.shape[0] != channels:
         raise NotFoldable(
+            "axis-mismatch",
             f"the BN has {affine.scale.shape[0]} channels, {node.op_type} {node_label(node)} "
-            f"has {channels}"
+            f"has {channels}",
         )
 
 
@@ -499,8 +576,9 @@ def _require_no_zero_padding(conv: onnx.NodeProto, kernel: tuple[int, ...]) -> N
     if auto_pad.startswith("SAME") or any(pads):
         padding = f"auto_pad={auto_pad}" if auto_pad.startswith("SAME") else f"pads={pads}"
         raise NotFoldable(
+            "inexact",
             f"its output feeds Conv {node_label(conv)} with {padding}: the zero padding would "
-            "not see the BN's shift"
+            "not see the BN's shift",
         )
 
 

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from training import tolerances
 from training.errors import OnnxVerificationError
-from training.onnx_fold_report import TensorDiff, VerificationResult
+from training.onnx_fold_report import OnnxVerification, TensorDiff
 
 _PROTOBUF_LIMIT = 2**31 - 1
 # Float element types from the least precise up: a model is judged at its least precise one.
@@ -60,16 +60,18 @@ def verify_onnx_fold(
     intermediates: bool = False,
     seed: int = 0,
     dynamic_dim: int = 2,
-    inputs_source: str | None = None,
-) -> VerificationResult:
+    probe: str | None = None,
+) -> OnnxVerification:
     """Compare `folded` with `original`; returns the figures, `passed` says if all are close.
 
     Tolerances default to training.tolerances' "fold-onnx" entry for the model's least precise
     float type among its inputs, outputs and weights (1e-4; 1e-2 for float16 and bfloat16).
-    Raises OnnxVerificationError when the two cannot be compared at all (different inputs or
-    outputs, unusable `inputs`, a model ONNX Runtime refuses).
+    `probe` names the inputs in the result (the file they came from); by default "given" or
+    "random (seed N)". Raises OnnxVerificationError when the two cannot be compared at all
+    (different inputs or outputs, unusable `inputs`, a model ONNX Runtime refuses).
     """
-    default = tolerances.tolerance("fold-onnx", precision(original))
+    dtype = precision(original)
+    default = tolerances.tolerance("fold-onnx", dtype)
     rtol, atol = (default if rtol is None else rtol), (default if atol is None else atol)
     _require_same_interface(original, folded)
     extra = _shared_intermediates(original, folded) if intermediates else []
@@ -83,32 +85,34 @@ def verify_onnx_fold(
         compare(name, want, have, rtol, atol, is_output=i < len(outputs))
         for i, (name, want, have) in enumerate(zip([*outputs, *extra], expected, got, strict=True))
     ]
-    source = inputs_source or ("given" if inputs is not None else f"random (seed {seed})")
-    return _summarise(diffs, rtol, atol, feeds, source, len(outputs))
+    probe = probe or ("given" if inputs is not None else f"random (seed {seed})")
+    return _summarise(diffs, dtype, rtol, atol, feeds, probe, len(outputs))
 
 
 def _summarise(
     diffs: list[TensorDiff],
+    dtype: str,
     rtol: float,
     atol: float,
     feeds: dict[str, Any],
-    source: str,
+    probe: str,
     n_outputs: int,
-) -> VerificationResult:
+) -> OnnxVerification:
     worst = max(diffs, key=lambda d: d.ratio, default=None)
-    return VerificationResult(
-        passed=all(d.ok for d in diffs),
+    return OnnxVerification(
+        passed=all(d.passed for d in diffs),
+        dtype=dtype,
         rtol=rtol,
         atol=atol,
-        max_abs_diff=max((d.max_abs for d in diffs), default=0.0),
-        max_rel_diff=max((d.max_rel for d in diffs), default=0.0),
+        max_abs_diff=max((d.max_abs_diff for d in diffs), default=0.0),
+        max_rel_diff=max((d.max_rel_diff for d in diffs), default=0.0),
         worst_ratio=worst.ratio if worst else 0.0,
         worst_tensor=worst.name if worst else "",
         outputs_compared=n_outputs,
         intermediates_compared=len(diffs) - n_outputs,
-        input_shapes={name: list(np.shape(value)) for name, value in feeds.items()},
-        inputs_source=source,
-        failures=tuple(d for d in diffs if not d.ok),
+        probe_shapes={name: list(np.shape(value)) for name, value in feeds.items()},
+        probe=probe,
+        failures=tuple(d for d in diffs if not d.passed),
     )
 
 
@@ -120,8 +124,8 @@ def compare(
 ) -> TensorDiff:
     """numpy.allclose(got, expected) generalised to what ONNX Runtime returns: tensors of any
     dtype (strings and bools compare equal-or-not), sequences, and maps (ZipMap outputs)."""
-    max_abs, max_rel, ratio, ok = _diff(expected, got, rtol, atol)
-    return TensorDiff(name, max_abs, max_rel, ok, is_output, ratio)
+    max_abs, max_rel, ratio, passed = _diff(expected, got, rtol, atol)
+    return TensorDiff(name, max_abs, max_rel, passed, is_output, ratio)
 
 
 def _diff(expected: Any, got: Any, rtol: float, atol: float) -> tuple[float, float, float, bool]:

@@ -137,7 +137,7 @@ def rng() -> np.random.Generator:
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_then_bn_folds_for_every_bn_opset(rng, opset, bias):
     folded, report = fold_and_verify(conv_bn_model(rng, opset=opset, bias=bias), bn_left=0)
-    assert [(f.into, f.direction) for f in report.folded] == [("conv", "into-producer")]
+    assert [(f.layers, f.direction) for f in report.folded] == [(("conv",), "bn-after")]
     assert [n.op_type for n in folded.graph.node] == ["Conv"]
     assert folded.graph.node[0].output == ["y"]  # the BN's output name lives on
 
@@ -175,7 +175,7 @@ def test_conv_transpose_then_bn_folds(rng, c_in, c_out, group, bias):
     ]
     model = make_model(nodes, [("x", F32, ["N", c_in, 4, 4])], ["y"], inits)
     _, report = fold_and_verify(model, bn_left=0)
-    assert report.folded[0].into_op == "ConvTranspose"
+    assert report.folded[0].layer_types == ("ConvTranspose",)
 
 
 GEMM_FLAGS = [
@@ -235,7 +235,7 @@ def test_bn_then_gemm_folds_unless_trans_a(rng, flags, c_shape):
     if left:
         assert "transA=1" in report.skipped[0].reason
     else:
-        assert report.folded[0].direction == "into-consumer"
+        assert report.folded[0].direction == "bn-before"
 
 
 def matmul_model(
@@ -258,7 +258,7 @@ def matmul_model(
 def test_rank2_matmul_then_bn_folds_with_or_without_add(rng, add):
     folded, report = fold_and_verify(matmul_model(rng, add=add, x_shape=["N", 6]), bn_left=0)
     assert [n.op_type for n in folded.graph.node] == ["MatMul", "Add"]
-    assert report.folded[0].into_op == "MatMul"
+    assert report.folded[0].layer_types == ("MatMul",)
 
 
 def test_matmul_add_with_full_row_bias_folds(rng):
@@ -316,7 +316,7 @@ def bn_conv_model(
 )
 def test_bn_then_unpadded_conv_folds(rng, group, pad):
     _, report = fold_and_verify(bn_conv_model(rng, group=group, pad=pad), bn_left=0)
-    assert (report.folded[0].into, report.folded[0].direction) == ("conv", "into-consumer")
+    assert (report.folded[0].layers, report.folded[0].direction) == (("conv",), "bn-before")
 
 
 def test_bn_then_same_padded_1x1_conv_folds(rng):
@@ -651,7 +651,7 @@ def test_report_is_readable_and_json_serialisable(rng):
     data = json.loads(json.dumps(report.to_dict()))
     assert data["bn_before"] == 2
     assert data["bn_after"] == 1
-    assert data["folded"][0]["into"] == "conv"
+    assert data["folded"][0]["layers"] == ["conv"]
     assert data["verification"]["passed"] is True
     text = str(report)
     assert "folded into Conv conv (BN after it)" in text
@@ -663,18 +663,18 @@ def test_report_is_readable_and_json_serialisable(rng):
 
 
 def test_compare_handles_strings_maps_sequences_and_nan():
-    assert compare("s", np.array(["a", "b"]), np.array(["a", "b"]), 1e-4, 1e-4).ok
-    assert not compare("s", np.array(["a"]), np.array(["b"]), 1e-4, 1e-4).ok
+    assert compare("s", np.array(["a", "b"]), np.array(["a", "b"]), 1e-4, 1e-4).passed
+    assert not compare("s", np.array(["a"]), np.array(["b"]), 1e-4, 1e-4).passed
     seq = [{"cat": np.float32(0.5)}, {"cat": np.float32(0.25)}]
-    assert compare("m", seq, [{"cat": 0.50001}, {"cat": 0.25}], 1e-4, 1e-4).ok
-    assert not compare("m", seq, [{"dog": 0.5}, {"cat": 0.25}], 1e-4, 1e-4).ok
-    assert compare("n", np.array([np.nan, np.inf]), np.array([np.nan, np.inf]), 0, 0).ok
-    assert not compare("n", np.array([1.0]), np.array([np.nan]), 1e-4, 1e-4).ok
-    assert not compare("shape", np.zeros((2, 3)), np.zeros((3, 2)), 1e-4, 1e-4).ok
+    assert compare("m", seq, [{"cat": 0.50001}, {"cat": 0.25}], 1e-4, 1e-4).passed
+    assert not compare("m", seq, [{"dog": 0.5}, {"cat": 0.25}], 1e-4, 1e-4).passed
+    assert compare("n", np.array([np.nan, np.inf]), np.array([np.nan, np.inf]), 0, 0).passed
+    assert not compare("n", np.array([1.0]), np.array([np.nan]), 1e-4, 1e-4).passed
+    assert not compare("shape", np.zeros((2, 3)), np.zeros((3, 2)), 1e-4, 1e-4).passed
     diff = compare("x", np.array([1.0, 100.0]), np.array([1.001, 100.0]), 1e-4, 1e-4)
-    assert diff.max_abs == pytest.approx(1e-3)
+    assert diff.max_abs_diff == pytest.approx(1e-3)
     assert diff.ratio == pytest.approx(1e-3 / 2e-4)
-    assert not diff.ok
+    assert not diff.passed
 
 
 # --------------------------------------------------------------------------- math and properties

@@ -255,7 +255,7 @@ def test_dynamic_batch_model_verifies_at_several_batch_sizes(load):
     folded, _ = fold_onnx(model)
     for batch in (1, 3):
         result = verify_onnx_fold(model, folded, dynamic_dim=batch, seed=batch)
-        assert result.input_shapes == {"gpu_0/data_0": [batch, 3, 224, 224]}
+        assert result.probe_shapes == {"gpu_0/data_0": [batch, 3, 224, 224]}
         assert result.passed, result.summary()
 
 
@@ -272,7 +272,7 @@ def test_upstream_test_data_still_gives_the_upstream_outputs(name, load, onnx_ca
     folded, _ = fold_onnx(model)
     result = verify_onnx_fold(model, folded, inputs)
     assert result.passed
-    assert result.inputs_source == "given"
+    assert result.probe == "given"
     import onnxruntime as ort
 
     session = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -478,7 +478,7 @@ def test_dynamic_batch_verifies_at_several_batch_sizes(rng):
     folded, _ = fold_onnx(model)
     for batch in (1, 3):
         result = verify_onnx_fold(model, folded, dynamic_dim=batch, seed=batch)
-        assert result.input_shapes == {"x": [batch, 4, 5, 5]}
+        assert result.probe_shapes == {"x": [batch, 4, 5, 5]}
         assert result.passed, result.summary()
 
 
@@ -509,7 +509,7 @@ def test_reference_outputs_are_reproduced_after_the_fold(rng, training):
     assert report.bn_after == 1
     result = verify_onnx_fold(model, folded, feeds)
     assert result.passed
-    assert result.inputs_source == "given"
+    assert result.probe == "given"
     import onnxruntime as ort
 
     session = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -155,8 +155,8 @@ def test_user_inputs_from_npz_are_used_and_checked(tmp_path):
     good = tmp_path / "inputs.npz"
     np.savez(good, x=np.random.default_rng(1).normal(size=(3, 4, 6, 6)))  # float64: cast
     report = fold_onnx_file(path, tmp_path / "out.onnx", inputs_npz=good)
-    assert report.verification.inputs_source == str(good)
-    assert report.verification.input_shapes == {"x": [3, 4, 6, 6]}
+    assert report.verification.probe == str(good)
+    assert report.verification.probe_shapes == {"x": [3, 4, 6, 6]}
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, image=np.zeros((1, 4, 6, 6), np.float32))
     with pytest.raises(OnnxVerificationError, match=r"missing \['x'\], unknown \['image'\]"):

@@ -136,5 +136,5 @@ def test_preact_input_bn_folds_through_the_replicate_pad_and_head_bn_into_the_he
     model = MODELS["preact"].make(**SMALL_CONFIGS["preact"])
     randomise_batch_norms(model, seed=7)
     _, report = fold_onnx(export_unfolded(model, tmp_path / "model.onnx"))
-    before = sorted((f.into_op, f.via) for f in report.folded if f.direction == "into-consumer")
-    assert before == [("Conv", "Pad(mode=edge)"), ("Gemm", "")]
+    before = sorted((f.layer_types, f.via) for f in report.folded if f.direction == "bn-before")
+    assert before == [(("Conv",), "Pad(mode=edge)"), (("Gemm",), "")]
