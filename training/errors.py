@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from training.fold_report import FoldReport, FoldVerification
-    from training.onnx_fold_report import OnnxVerification
+    from training.onnx_fold.report import OnnxVerification
 
 
 class TrainingError(Exception):

@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from training import onnx_fold_math as fm
 from training.errors import OnnxFoldError
 from training.onnx_fold import OnnxFoldReport, fold_onnx, verify_onnx_fold
-from training.onnx_fold_verify import compare
+from training.onnx_fold import algebra as fm
+from training.onnx_fold.verify import compare
 
 F32 = TensorProto.FLOAT
 

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from training import tolerances
 from training.errors import OnnxVerificationError
-from training.onnx_fold_report import OnnxVerification, TensorDiff
+from training.onnx_fold.report import OnnxVerification, TensorDiff
 
 _PROTOBUF_LIMIT = 2**31 - 1
 # Float element types from the least precise up: a model is judged at its least precise one.

@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from training.fold_records import SkipKind
-from training.onnx_fold_graph import (
+from training.onnx_fold.graph import (
     ConstantResolver,
     GraphIndex,
     NameAllocator,

@@ -12,8 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from training import onnx_fold_file
 from training.errors import OnnxFoldError, OnnxVerificationError
+from training.onnx_fold import file as onnx_fold_file
 from training.onnx_fold import fold_onnx, fold_onnx_file, verify_onnx_fold
 
 F32 = TensorProto.FLOAT

@@ -10,13 +10,13 @@ apply; nothing is half-done. Visiting repeats until a pass folds nothing, so cha
 The skip rules, all explicit:
 * the BN is in training mode: `training_mode=1`, or more than one output declared (ONNX Runtime
   runs BatchNormalization-7/9 with its optional outputs in training mode, on batch statistics);
-* a BN parameter or the neighbour's weight/bias is not constant (see onnx_fold_graph);
+* a BN parameter or the neighbour's weight/bias is not constant (see onnx_fold.graph);
 * the tensor between the BN and its neighbour is read by anything else or is a graph output;
 * the fold would not be exact: zero padding in a Conv after the BN, Gemm with transA=1 after
   the BN, a MatMul whose result is not rank 2, BN-7 `spatial=0` statistics that vary over
   positions, or folded weights that overflow their float type;
 * a BN-before-op fold would cost precision: the BN subtracts a mean far larger than the spread
-  of its input (mean-subtraction preprocessing), see `onnx_fold_math.input_growth`.
+  of its input (mean-subtraction preprocessing), see `algebra.input_growth`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from training import onnx_fold_math as fm
 from training.errors import OnnxFoldError
 from training.fold_records import Direction, FoldedBN, SkippedBN
-from training.onnx_fold_edit import GraphEdit, NotFoldable, require_finite, require_sole_use
-from training.onnx_fold_graph import (
+from training.onnx_fold import algebra as fm
+from training.onnx_fold.edit import GraphEdit, NotFoldable, require_finite, require_sole_use
+from training.onnx_fold.graph import (
     FLOAT_DTYPES,
     STANDARD_DOMAINS,
     ConstantResolver,
@@ -45,7 +45,7 @@ from training.onnx_fold_graph import (
     subgraphs,
     tensors_with_data,
 )
-from training.onnx_fold_report import OnnxFoldReport
+from training.onnx_fold.report import OnnxFoldReport
 
 BN = "BatchNormalization"
 # A BN-before-op fold may make the op's input this many times larger (3 bits of precision);

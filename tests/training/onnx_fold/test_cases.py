@@ -12,49 +12,49 @@ run against its original in ONNX Runtime with optimisations off: outputs and eve
 tensor the two share must satisfy numpy.allclose (rtol = atol = 1e-4; 1e-2 for float16).
 
 Corpus file → the rule it exercises → the in-memory test of the same rule ("here" is this
-module, "fold" is test_onnx_fold.py, "file" is test_onnx_fold_file.py):
+module, "rules" is test_rules.py, "file" is test_file.py):
 
 - burn-batch-norm-1d-2d → a BN on a graph input and one after Reshape are kept; mean/var come
   through Identity of initializers → here: test_bn_on_a_graph_input_and_after_reshape_is_kept,
   test_statistics_fed_through_identity_fold
 - burn-batch-norm-partial-constant → mean/var are graph inputs, kept →
-  fold: test_parameter_from_a_graph_input_is_kept
+  rules: test_parameter_from_a_graph_input_is_kept
 - burn-mnist-gemm-bn → Gemm(transB=1) → BN folds; BN after Relu kept →
-  fold: test_gemm_then_bn_folds_with_any_flags, test_report_is_readable_and_json_serialisable
+  rules: test_gemm_then_bn_folds_with_any_flags, test_report_is_readable_and_json_serialisable
 - onnx-light-densenet121 → Conv parameters from constant sub-graphs fold; a BN after Concat (or
-  pooling) that feeds a Mul is kept → fold:
+  pooling) that feeds a Mul is kept → rules:
   test_parameters_in_constant_nodes_and_constant_subgraphs_fold; here:
   test_bn_after_concat_feeding_mul_is_kept
 - onnx-light-inception-v2, onnx-light-resnet50 → Conv → BN with computed parameters folds →
-  fold: test_parameters_in_constant_nodes_and_constant_subgraphs_fold, test_chains_fold_all_the_way
+  rules: test_parameters_in_constant_nodes_and_constant_subgraphs_fold, test_chains_fold_all_the_way
 - onnx-light-shufflenet → grouped and depthwise Conv → BN folds →
-  fold: test_grouped_and_depthwise_conv_then_bn_folds
+  rules: test_grouped_and_depthwise_conv_then_bn_folds
 - onnx-node-batchnorm-example → runtime parameters kept, shipped outputs reproduced →
-  fold: test_parameter_from_a_graph_input_is_kept; here:
+  rules: test_parameter_from_a_graph_input_is_kept; here:
   test_reference_outputs_are_reproduced_after_the_fold[eval]
 - onnx-node-batchnorm-example-training-mode → training_mode=1 with statistics outputs kept, shipped
-  outputs reproduced → fold: test_bn15_training_mode_is_kept; here:
+  outputs reproduced → rules: test_bn15_training_mode_is_kept; here:
   test_reference_outputs_are_reproduced_after_the_fold[training-mode]
 - onnx2c-mnist-matmul-bn → rank-2 MatMul → BN with scale/bias in Constant nodes folds →
-  fold: test_rank2_matmul_then_bn_folds_with_or_without_add,
+  rules: test_rank2_matmul_then_bn_folds_with_or_without_add,
   test_parameters_in_constant_nodes_and_constant_subgraphs_fold
 - ort-conv-bn-add-mul-fp16 → float16 folds and is judged at float16 tolerance →
-  fold: test_half_model_folds_and_keeps_its_dtype
+  rules: test_half_model_folds_and_keeps_its_dtype
 - ort-conv-bn-mul-add-unsqueeze → a graph output named twice survives →
   here: test_duplicated_graph_output_name_survives_the_fold
 - ort-conv-bn-mul-add-unsqueeze-negaxes → Unsqueeze with negative axes before Mul/Add →
   here: test_unsqueeze_with_negative_axes_before_mul_add
 - ort-conv-bn-mul-add-unsqueeze-no-bias, ort-conv-bn-no-bias → IR 3 Conv without bias → BN folds,
-  initializers are constants → fold: test_conv_then_bn_folds_for_every_bn_opset,
+  initializers are constants → rules: test_conv_then_bn_folds_for_every_bn_opset,
   test_ir3_initializers_listed_as_inputs_are_constants
 - pinto-batchnorm1d-training-mode, pinto-batchnorm2d-training-mode → training_mode=1 with stored
-  statistics kept, the file written unchanged → fold: test_bn15_training_mode_is_kept; here:
+  statistics kept, the file written unchanged → rules: test_bn15_training_mode_is_kept; here:
   test_nothing_foldable_file_is_written_unchanged
 - trt-polygraphy-residual-block → Conv → BN through the file API, a dynamic batch →
   file: test_external_data_is_read_and_written_beside_the_model; here:
   test_dynamic_batch_verifies_at_several_batch_sizes
 - winml-squeezenet-imagescaler-bn → ImageScaler → mean-subtraction BN → VALID Conv stays;
-  STRING and ZipMap outputs through the file API → fold:
+  STRING and ZipMap outputs through the file API → rules:
   test_mean_subtraction_bn_before_conv_is_kept_for_precision; here:
   test_imagescaler_then_mean_subtraction_bn_stays,
   test_zipmap_and_string_outputs_through_the_file_api
@@ -73,7 +73,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from bench.onnx_cases import onnx_case_files
-from tests.training.test_onnx_fold import (
+from tests.training.onnx_fold.test_rules import (
     F32,
     bn_node,
     bn_params,

@@ -16,10 +16,10 @@ import onnx
 
 from training.atomic import atomic_write_bytes
 from training.errors import OnnxFoldError, OnnxVerificationError
-from training.onnx_fold_graph import tensors_with_data
-from training.onnx_fold_report import OnnxFoldReport
-from training.onnx_fold_rules import fold_onnx
-from training.onnx_fold_verify import verify_onnx_fold
+from training.onnx_fold.graph import tensors_with_data
+from training.onnx_fold.report import OnnxFoldReport
+from training.onnx_fold.rules import fold_onnx
+from training.onnx_fold.verify import verify_onnx_fold
 
 PathLike = str | os.PathLike[str]
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay inline, as onnx.save does
